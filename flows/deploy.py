@@ -1,0 +1,26 @@
+"""Serve the pipeline flow on a cron schedule against a (local) Prefect server.
+
+    prefect server start                # terminal 1, http://127.0.0.1:4200
+    python -m flows.deploy              # terminal 2: serves the deployment until stopped
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flows.pipeline_flow import vamos_pipeline
+
+DEFAULT_CRON = "0 3 * * *"  # nightly; a run with no new data costs seconds
+
+
+def main(cron: str = typer.Option(DEFAULT_CRON, help="when to run (cron syntax, server time zone)"),
+         project: Path = typer.Option(Path("."), help="the vamos checkout to reproduce"),
+         name: str = typer.Option("nightly", help="deployment name")) -> None:
+    # global_limit=1: DVC locks the workspace, so two runs of one checkout must never overlap.
+    vamos_pipeline.serve(name=name, cron=cron, global_limit=1, parameters={"project": str(project.resolve())},
+                         description="Reproduce the vamos DVC pipeline and register the model")
+
+
+if __name__ == "__main__":
+    typer.run(main)

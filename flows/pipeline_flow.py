@@ -1,0 +1,93 @@
+"""The Prefect flow: one task per DVC stage, each reproduced through DVC's CLI.
+
+dvc.yaml stays the single definition of the DAG; this flow adds scheduling, retries, logs in
+the Prefect UI and a metrics artifact. A stage that DVC finds unchanged is skipped in seconds."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.tracking import offline_environment
+
+offline_environment()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+STAGES = ("ingest", "prepare", "embed", "train", "evaluate", "register")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, output: str, transient: bool):
+        super().__init__(f"dvc repro {stage} failed:\n{output[-4000:]}")
+        self.transient = transient
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Bad params or bad input fail the same way every time: retrying them only wastes time."""
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.transient
+    except Exception:
+        return True
+    return False
+
+
+@task(task_run_name="check params")
+def check_params(project: str) -> None:
+    from pipeline.config import load_params
+
+    load_params(Path(project) / "params.yaml")  # raises ParamsError naming the bad key
+
+
+@task(retries=2, retry_delay_seconds=15, retry_condition_fn=_retry_if_transient, task_run_name="dvc repro {stage}")
+def reproduce(stage: str, project: str) -> str:
+    """Run one stage through DVC; returns 'ran' or 'skipped' (unchanged since the last run)."""
+    logger = get_run_logger()
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=project,
+                            capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    for line in output.splitlines():
+        if line.strip():
+            logger.info(line.rstrip())
+    if result.returncode != 0:
+        bad_input = f"vamos {stage}: error:" in output or "params.yaml" in output and "invalid" in output
+        raise StageFailed(stage, output, transient=not bad_input)
+    return "skipped" if "didn't change, skipping" in output else "ran"
+
+
+@task(task_run_name="publish metrics")
+def publish_metrics(project: str, statuses: dict[str, str]) -> dict:
+    from pipeline.storage import read_json
+
+    reports = Path(project) / "reports"
+    metrics = read_json(reports / "metrics.json")["test"]
+    registry = read_json(reports / "registry.json") if (reports / "registry.json").exists() else {}
+    train = read_json(reports / "train.json") if (reports / "train.json").exists() else {}
+    rows = [
+        ("test BLEU (beam)", metrics["bleu"]), ("test chrF (beam)", metrics["chrf"]), ("test TER (beam)", metrics["ter"]),
+        ("test BLEU (greedy)", metrics["greedy"]["bleu"]), ("best valid BLEU", train.get("best_valid_bleu", "")),
+        ("training minutes", train.get("train_minutes", "")), ("stopped by", train.get("stopped_by", "")),
+        ("registered", f"{registry.get('model', '')} v{registry.get('version', '')} → {registry.get('alias', '')}"),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    stages = ", ".join(f"{s}: {st}" for s, st in statuses.items())
+    create_markdown_artifact(
+        key="vamos-metrics",
+        markdown=f"# vamos run\n\nStages: {stages}\n\n| metric | value |\n|---|---|\n{table}\n",
+        description="Test metrics of the model this run produced or kept",
+    )
+    return {"statuses": statuses, "test": metrics, "registry": registry}
+
+
+@flow(name="vamos-pipeline", log_prints=True)
+def vamos_pipeline(project: str = ".") -> dict:
+    """Reproduce the whole DVC pipeline in `project`, stage by stage, and publish its metrics."""
+    project = str(Path(project).resolve())
+    check_params(project)
+    statuses = {}
+    for stage in STAGES:
+        statuses[stage] = reproduce(stage, project)
+    return publish_metrics(project, statuses)

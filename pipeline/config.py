@@ -1,0 +1,164 @@
+"""Typed, validated params.yaml: every knob of every stage, checked before any work starts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SwordSource(Strict):
+    kind: Literal["sword"] = "sword"
+    name: str = "bible"
+    library: str = "/usr/share/sword"  # a SWORD library root (Debian installs modules here)
+    src_module: str = "engWEB2015eb"
+    tgt_module: str = "spaRV1909eb"
+    books: list[str] | None = None  # OSIS book names to keep, e.g. [Ruth]; None keeps all
+
+
+class TsvSource(Strict):
+    """Tab-separated pairs: source<TAB>target[<TAB>anything], as in Tatoeba/Anki exports."""
+
+    kind: Literal["tsv"] = "tsv"
+    name: str = "tsv"
+    path: str
+
+
+class FolderSource(Strict):
+    """Every *.tsv file in a folder: drop files there and the next run trains on them."""
+
+    kind: Literal["folder"] = "folder"
+    name: str = "incoming"
+    path: str = "data/incoming"
+
+
+Source = Annotated[Union[SwordSource, TsvSource, FolderSource], Field(discriminator="kind")]
+
+
+class IngestParams(Strict):
+    sources: list[Source] = Field(default_factory=lambda: [SwordSource()], min_length=1)
+    max_words: int = Field(80, ge=1)  # pairs with a longer side are dropped (counted)
+    max_length_ratio: float = Field(3.0, ge=1.0)  # word-count ratio beyond which a pair is dropped
+
+
+class SplitParams(Strict):
+    valid: float = Field(0.01, gt=0, lt=0.5)
+    test: float = Field(0.01, gt=0, lt=0.5)
+
+
+class VocabParams(Strict):
+    min_freq: int = Field(2, ge=1)
+    max_size: int = Field(30000, ge=10)
+
+
+class PrepareParams(Strict):
+    src_lang: str = "en"  # Moses tokenisation rules; English also gets word2vec analogy scores
+    tgt_lang: str = "es"
+    lowercase_src: bool = True
+    lowercase_tgt: bool = False  # the output keeps its case, so BLEU is scored on cased text
+    split: SplitParams = SplitParams()
+    vocab: VocabParams = VocabParams()
+
+
+class EmbedParams(Strict):
+    sg: Literal[0, 1] = 1
+    vector_size: int = Field(256, ge=2)
+    window: int = Field(5, ge=1)
+    negative: int = Field(10, ge=1)
+    sample: float = Field(1e-4, ge=0)
+    min_count: int = Field(2, ge=1)
+    epochs: int = Field(10, ge=1)
+    workers: int = Field(2, ge=1)
+
+
+class TrainParams(Strict):
+    hidden_size: int = Field(256, ge=2)
+    encoder_layers: int = Field(1, ge=1)
+    decoder_layers: int = Field(1, ge=1)
+    bidirectional: bool = True
+    attention: Literal["dot", "general", "bahdanau"] = "general"
+    dropout: float = Field(0.2, ge=0, lt=1)
+    freeze_embeddings: bool = False
+    tie_embeddings: bool = True
+    teacher_forcing: float = Field(1.0, ge=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    sampled_softmax: int = Field(3000, ge=0)  # negatives per batch; 0 = full softmax
+    batch_tokens: int = Field(2500, ge=16)  # target tokens per batch
+    lr: float = Field(3e-3, gt=0)
+    lr_decay: float = Field(0.5, gt=0, le=1)  # on a valid-loss plateau
+    clip_grad: float = Field(1.0, gt=0)
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)  # epochs without valid improvement before stopping
+    max_minutes: float = Field(40.0, gt=0)  # wall-clock budget for the training loop
+    checkpoint_every: int = Field(200, ge=1)  # steps
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # mixed precision on CUDA
+    threads: int = Field(0, ge=0)  # torch CPU threads; 0 = all cores
+
+
+class EvaluateParams(Strict):
+    beam_size: int = Field(5, ge=1)
+    length_penalty: float = Field(1.0, ge=0)
+    max_len_ratio: float = Field(1.5, gt=0)
+    batch_size: int = Field(64, ge=1)
+    heatmaps: int = Field(4, ge=0)
+    samples: int = Field(20, ge=0)
+
+
+class RegisterParams(Strict):
+    model_name: str = "vamos-en-es"
+    experiment: str = "vamos"
+    metric: str = "bleu"
+
+
+class Params(Strict):
+    seed: int = 1234
+    ingest: IngestParams = IngestParams()
+    prepare: PrepareParams = PrepareParams()
+    embed: EmbedParams = EmbedParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    # "register" would shadow a pydantic method, so the field has another name.
+    registry: RegisterParams = Field(RegisterParams(), alias="register")
+
+    @model_validator(mode="after")
+    def _split_leaves_training_data(self) -> "Params":
+        if self.prepare.split.valid + self.prepare.split.test >= 0.5:
+            raise ValueError("prepare.split: valid + test must leave most pairs for training")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml, or raise ParamsError naming the file and each bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run vamos from the project root)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of stage names to params")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{path}: invalid params\n{_describe(e)}") from None

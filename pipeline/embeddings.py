@@ -1,0 +1,95 @@
+"""Word2vec embeddings per language (gensim): training, evaluation, projection, and the
+matrices that initialise the seq2seq embedding layers."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.config import EmbedParams
+from pipeline.text import PAD_ID, Vocab
+
+log = logging.getLogger(__name__)
+
+# Words whose neighbours are shown in the report, where the vocabulary has them.
+PROBES = {
+    "en": ["god", "king", "water", "love", "go", "son", "city", "bread"],
+    "es": ["Dios", "rey", "agua", "amor", "ir", "hijo", "ciudad", "pan"],
+}
+
+
+def train_word2vec(sentences: list[list[str]], cfg: EmbedParams, seed: int):
+    from gensim.models import Word2Vec
+
+    return Word2Vec(sentences=sentences, sg=cfg.sg, vector_size=cfg.vector_size, window=cfg.window,
+                    negative=cfg.negative, sample=cfg.sample, min_count=cfg.min_count, epochs=cfg.epochs,
+                    workers=cfg.workers, seed=seed)
+
+
+def save_vectors(path: Path, vectors) -> None:
+    with storage.atomic_path(path) as tmp:
+        vectors.save_word2vec_format(str(tmp), binary=True)
+
+
+def load_vectors(path: Path):
+    from gensim.models import KeyedVectors
+
+    return KeyedVectors.load_word2vec_format(str(path), binary=True)
+
+
+def evaluate_vectors(vectors, lang: str) -> dict:
+    """Analogy accuracy and word-similarity correlation (English: gensim's bundled test sets),
+    and nearest neighbours of a few probe words."""
+    report: dict = {"words": len(vectors.index_to_key), "dim": vectors.vector_size}
+    if lang == "en":
+        from gensim.test.utils import datapath
+
+        accuracy, sections = vectors.evaluate_word_analogies(datapath("questions-words.txt"))
+        attempted = sum(len(s["correct"]) + len(s["incorrect"]) for s in sections if s["section"] == "Total accuracy")
+        report["analogy_accuracy"] = round(float(accuracy), 4)
+        report["analogy_questions_covered"] = attempted
+        pearson, spearman, oov = vectors.evaluate_word_pairs(datapath("wordsim353.tsv"))
+        report["wordsim353_spearman"] = round(float(spearman[0]), 4) if not np.isnan(spearman[0]) else None
+        report["wordsim353_oov_percent"] = round(float(oov), 2)
+    probes = [w for w in PROBES.get(lang, []) if w in vectors.key_to_index] or vectors.index_to_key[:5]
+    report["neighbours"] = {w: [n for n, _ in vectors.most_similar(w, topn=6)] for w in probes}
+    return report
+
+
+def plot_projection(vectors, path: Path, title: str, words: int = 150) -> None:
+    """PCA of the most frequent words to 2-D, labelled: a quick look at what word2vec learned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in vectors.index_to_key if any(c.isalpha() for c in k)][:words]
+    points = np.stack([vectors[k] for k in keys])
+    points = points - points.mean(0)
+    _, _, components = np.linalg.svd(points, full_matrices=False)
+    xy = points @ components[:2].T
+    fig, ax = plt.subplots(figsize=(11, 9))
+    ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.5)
+    for (x, y), word in zip(xy, keys):
+        ax.annotate(word, (x, y), fontsize=7, alpha=0.8)
+    ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
+    storage.save_figure(path, fig)
+
+
+def embedding_matrix(vocab: Vocab, path: Path, seed: int) -> tuple[torch.Tensor, float]:
+    """A vocab-sized matrix: word2vec vectors where the word has one, and random vectors of the
+    same scale elsewhere; returns it with the share of the vocabulary covered."""
+    vectors = load_vectors(path)
+    covered = [(i, vectors.key_to_index[w]) for i, w in enumerate(vocab.itos) if w in vectors.key_to_index]
+    scale = float(vectors.vectors.std())
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(len(vocab), vectors.vector_size, generator=generator) * scale
+    if covered:
+        rows, sources = map(list, zip(*covered))
+        matrix[rows] = torch.from_numpy(vectors.vectors[sources].astype(np.float32))
+    matrix[PAD_ID] = 0.0
+    coverage = len(covered) / max(len(vocab) - 4, 1)
+    return matrix, coverage

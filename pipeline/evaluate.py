@@ -1,0 +1,88 @@
+"""Test-set evaluation: sacrebleu BLEU, chrF and TER for greedy and beam search, BLEU by
+sentence length, attention heatmaps and sample translations."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sacrebleu
+
+from pipeline import storage
+from pipeline.config import EvaluateParams
+from pipeline.decode import Translator
+
+log = logging.getLogger(__name__)
+
+LENGTH_BINS = [0, 10, 20, 30, 40, 1000]
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    refs = [references]
+    return {
+        "bleu": round(sacrebleu.corpus_bleu(hypotheses, refs).score, 2),
+        "chrf": round(sacrebleu.corpus_chrf(hypotheses, refs).score, 2),
+        "ter": round(sacrebleu.corpus_ter(hypotheses, refs).score, 2),
+    }
+
+
+def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str]) -> pd.DataFrame:
+    lengths = frame["src_tokens"].str.split().str.len()
+    bins = pd.cut(lengths, LENGTH_BINS, right=False,
+                  labels=[f"{a}-{b - 1}" if b < 1000 else f"{a}+" for a, b in zip(LENGTH_BINS, LENGTH_BINS[1:])])
+    rows = []
+    for label, index in frame.groupby(bins, observed=True).groups.items():
+        hyps = [hypotheses[i] for i in index]
+        refs = frame.loc[index, "tgt"].tolist()
+        rows.append({"source_length": str(label), "sentences": len(index),
+                     "bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)})
+    return pd.DataFrame(rows)
+
+
+def plot_attention(source: list[str], output: list[str], attention: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(output) + 1  # the last row is the attention when <eos> was produced
+    weights = attention[:rows, : len(source)]
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(source) + 2), max(3, 0.35 * rows + 1.5)))
+    ax.imshow(weights, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    ax.set_xticks(range(len(source)), source, rotation=90, fontsize=8)
+    ax.set_yticks(range(weights.shape[0]), (output + ["<eos>"])[: weights.shape[0]], fontsize=8)
+    ax.set_title(title, fontsize=9)
+    storage.save_figure(path, fig)
+
+
+def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, reports: Path) -> dict:
+    sources = [s.split() for s in test["src_tokens"]]
+    references = test["tgt"].tolist()
+    search = {"alpha": cfg.length_penalty, "max_len_ratio": cfg.max_len_ratio, "batch_size": cfg.batch_size}
+    log.info("decoding %d test sentences (greedy, then beam %d)", len(sources), cfg.beam_size)
+    greedy = translator.translate_tokens(sources, beam_size=1, **search)
+    beam = translator.translate_tokens(sources, beam_size=cfg.beam_size, **search)
+    detok = translator.tgt_tok.detokenize
+    greedy_text = [detok(w) for w, _ in greedy]
+    beam_text = [detok(w) for w, _ in beam]
+    metrics = {**score(beam_text, references), "greedy": score(greedy_text, references),
+               "beam_size": cfg.beam_size, "sentences": len(references)}
+
+    by_length = bleu_by_length(test.reset_index(drop=True), beam_text)
+    with storage.atomic_path(reports / "bleu_by_length.csv") as tmp:
+        by_length.to_csv(tmp, index=False)
+
+    sample_rows = list(range(min(cfg.samples, len(test))))
+    lines = ["| id | source | reference | translation (beam) |", "|---|---|---|---|"]
+    lines += [f"| {test['id'].iloc[i]} | {test['src'].iloc[i]} | {references[i]} | {beam_text[i]} |"
+              for i in sample_rows]
+    storage.write_text(reports / "samples.md", "\n".join(lines) + "\n")
+
+    # Heatmaps for the shortest few test sentences: readable at a glance.
+    shortest = np.argsort([len(s) for s in sources], kind="stable")[: cfg.heatmaps]
+    for n, i in enumerate(shortest):
+        words, attention = beam[i]
+        plot_attention(sources[i], words, attention, reports / "attention" / f"attention_{n}.png",
+                       f"{test['id'].iloc[i]}: {beam_text[i]}")
+    return metrics

@@ -1,0 +1,43 @@
+"""The seq2seq model, and its self-contained checkpoint: weights, config, vocabularies and
+tokeniser settings in one file, loadable with torch.load(weights_only=True)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline import storage
+from pipeline.model.seq2seq import ModelConfig, Seq2Seq
+from pipeline.text import Tokenizer, Vocab
+
+__all__ = ["ModelConfig", "Seq2Seq", "save_model", "load_model", "load_translator"]
+
+
+def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vocab, src_tok: Tokenizer,
+               tgt_tok: Tokenizer) -> None:
+    bundle = {
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "src_vocab": src_vocab.itos,
+        "tgt_vocab": tgt_vocab.itos,
+        "src_tokenizer": {"lang": src_tok.lang, "lowercase": src_tok.lowercase},
+        "tgt_tokenizer": {"lang": tgt_tok.lang, "lowercase": tgt_tok.lowercase},
+    }
+    with storage.atomic_path(path) as tmp:
+        torch.save(bundle, tmp)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, src_vocab, tgt_vocab, src_tokenizer, tgt_tokenizer) from a saved bundle."""
+    bundle = torch.load(path, map_location=device, weights_only=True)
+    model = Seq2Seq(ModelConfig(**bundle["config"]))
+    model.load_state_dict(bundle["state_dict"])
+    return (model.to(device).eval(), Vocab(bundle["src_vocab"]), Vocab(bundle["tgt_vocab"]),
+            Tokenizer(**bundle["src_tokenizer"]), Tokenizer(**bundle["tgt_tokenizer"]))
+
+
+def load_translator(path: str | Path, device: str | torch.device = "cpu"):
+    from pipeline.decode import Translator
+
+    model, src_vocab, tgt_vocab, src_tok, tgt_tok = load_model(path, device)
+    return Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device)

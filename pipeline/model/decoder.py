@@ -1,0 +1,70 @@
+"""An LSTM decoder with attention and input feeding (Luong et al., 2015)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from pipeline.model.attention import Attention, Memory
+from pipeline.text import PAD_ID
+
+
+class DecoderState(NamedTuple):
+    h: torch.Tensor  # layers x B x H
+    c: torch.Tensor  # layers x B x H
+    feed: torch.Tensor  # B x D   the previous attentional state, fed back as input
+
+    def select(self, index: torch.Tensor) -> "DecoderState":
+        return DecoderState(self.h.index_select(1, index), self.c.index_select(1, index),
+                            self.feed.index_select(0, index))
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab_size: int, emb_size: int, hidden_size: int, layers: int, attention: str,
+                 dropout: float, output_size: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, emb_size, padding_idx=PAD_ID)
+        self.dropout = nn.Dropout(dropout)
+        self.rnn = nn.LSTM(emb_size + output_size, hidden_size, num_layers=layers, batch_first=True,
+                           dropout=dropout if layers > 1 else 0.0)
+        self.attention = Attention(attention, hidden_size, hidden_size)
+        # The attentional state has the embedding size when output and embeddings are tied.
+        self.combine = nn.Linear(2 * hidden_size, output_size, bias=False)
+        self.layers, self.output_size = layers, output_size
+
+    def initial_state(self, final: tuple[torch.Tensor, torch.Tensor]) -> DecoderState:
+        """Start from the encoder's final long- and short-term memory, layer by layer when the
+        depths match, else from its top layer."""
+        h, c = final
+        if h.size(0) != self.layers:
+            h = h[-1:].expand(self.layers, -1, -1).contiguous()
+            c = c[-1:].expand(self.layers, -1, -1).contiguous()
+        feed = h.new_zeros(h.size(1), self.output_size)
+        return DecoderState(h, c, feed)
+
+    def step(self, prev: torch.Tensor, state: DecoderState, memory: Memory):
+        """One step: prev B token ids -> (attentional state B x D, new state, attention B x S)."""
+        inputs = torch.cat([self.dropout(self.embedding(prev)), state.feed], dim=1).unsqueeze(1)
+        output, (h, c) = self.rnn(inputs, (state.h, state.c))
+        query = output.squeeze(1)
+        context, weights = self.attention(query, memory)
+        attentional = torch.tanh(self.combine(torch.cat([context, query], dim=1)))
+        return attentional, DecoderState(h, c, attentional), weights
+
+    def forward(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory, teacher_forcing: float = 1.0,
+                predict=None):
+        """Run over B x T inputs. With teacher_forcing < 1, each step feeds back the model's own
+        prediction (from `predict`, attentional -> token ids) with probability 1 - teacher_forcing."""
+        outputs, attentions = [], []
+        prev = tgt_in[:, 0]
+        for t in range(tgt_in.size(1)):
+            attentional, state, weights = self.step(prev, state, memory)
+            outputs.append(attentional)
+            attentions.append(weights)
+            if t + 1 < tgt_in.size(1):
+                prev = tgt_in[:, t + 1]
+                if teacher_forcing < 1.0:
+                    own = torch.rand(prev.shape, device=prev.device) >= teacher_forcing
+                    prev = torch.where(own, predict(attentional.detach()), prev)
+        return self.dropout(torch.stack(outputs, dim=1)), torch.stack(attentions, dim=1)

@@ -1,0 +1,142 @@
+"""The pipeline's stages as plain functions: read inputs and params, write outputs atomically.
+dvc.yaml calls each through `vamos <stage>`; nothing here knows about Prefect."""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import storage
+from pipeline.config import Params
+from pipeline.data import SPLITS, split_path
+from pipeline.text import Tokenizer, Vocab
+
+log = logging.getLogger(__name__)
+
+
+def show_counts(title: str, counts: dict[str, int]) -> None:
+    table = Table(title=title)
+    table.add_column("reason")
+    table.add_column("pairs", justify="right")
+    for reason, n in counts.items():
+        table.add_row(reason, f"{n:,}")
+    Console(stderr=True).print(table)
+
+
+def ingest(params: Params) -> dict:
+    from pipeline.corpus import ingest as read_and_clean
+
+    cfg = params.ingest
+    pairs, report = read_and_clean(cfg.sources, cfg.max_words, cfg.max_length_ratio)
+    storage.write_parquet(storage.RAW_PAIRS, pairs)
+    storage.write_json(storage.REPORTS / "ingest.json", report)
+    show_counts(f"ingest: kept {report['kept']:,} pairs; dropped", report["dropped"])
+    return report
+
+
+def split_of(pair_id: str, valid: float, test: float) -> str:
+    """A pair's split from a hash of its stable id: the same pair always lands in the same split,
+    however the corpus grows."""
+    u = int.from_bytes(hashlib.sha256(pair_id.encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test else "valid" if u < test + valid else "train"
+
+
+def prepare(params: Params) -> dict:
+    cfg = params.prepare
+    pairs = pd.read_parquet(storage.RAW_PAIRS)
+    src_tok, tgt_tok = Tokenizer(cfg.src_lang, cfg.lowercase_src), Tokenizer(cfg.tgt_lang, cfg.lowercase_tgt)
+    pairs["src_tokens"] = [" ".join(src_tok.tokenize(s)) for s in pairs["src"]]
+    pairs["tgt_tokens"] = [" ".join(tgt_tok.tokenize(t)) for t in pairs["tgt"]]
+    pairs["split"] = [split_of(i, cfg.split.valid, cfg.split.test) for i in pairs["id"]]
+    # A held-out source sentence must not be seen in training, even paired with another target.
+    held_out = set(pairs.loc[pairs["split"] != "train", "src_tokens"])
+    leaking = (pairs["split"] == "train") & pairs["src_tokens"].isin(held_out)
+    pairs = pairs[~leaking]
+    frames = {s: pairs[pairs["split"] == s].drop(columns="split").reset_index(drop=True) for s in SPLITS}
+    for split, frame in frames.items():
+        storage.write_parquet(split_path(split), frame)
+    train = frames["train"]
+    src_vocab = Vocab.build((s.split() for s in train["src_tokens"]), cfg.vocab.min_freq, cfg.vocab.max_size)
+    tgt_vocab = Vocab.build((s.split() for s in train["tgt_tokens"]), cfg.vocab.min_freq, cfg.vocab.max_size)
+    src_vocab.save(storage.PREPARED / "vocab.src.json")
+    tgt_vocab.save(storage.PREPARED / "vocab.tgt.json")
+
+    def unk_rate(frame: pd.DataFrame, column: str, vocab: Vocab) -> float:
+        tokens = [t for s in frame[column] for t in s.split()]
+        return round(sum(t not in vocab for t in tokens) / max(len(tokens), 1), 4)
+
+    report = {
+        "pairs": {s: len(f) for s, f in frames.items()},
+        "dropped_train_pairs_with_held_out_source": int(leaking.sum()),
+        "vocab": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
+        "train_tokens": {"src": int(train["src_tokens"].str.split().str.len().sum()),
+                         "tgt": int(train["tgt_tokens"].str.split().str.len().sum())},
+        "test_unk_rate": {"src": unk_rate(frames["test"], "src_tokens", src_vocab),
+                          "tgt": unk_rate(frames["test"], "tgt_tokens", tgt_vocab)},
+    }
+    storage.write_json(storage.REPORTS / "prepare.json", report)
+    log.info("prepared %s; vocab %s", report["pairs"], report["vocab"])
+    return report
+
+
+def embed(params: Params) -> dict:
+    from pipeline.embeddings import evaluate_vectors, plot_projection, save_vectors, train_word2vec
+
+    train = pd.read_parquet(split_path("train"))
+    report = {}
+    for side, column, lang in (("src", "src_tokens", params.prepare.src_lang),
+                               ("tgt", "tgt_tokens", params.prepare.tgt_lang)):
+        sentences = [s.split() for s in train[column]]
+        log.info("word2vec (%s) on %d %s sentences", "skip-gram" if params.embed.sg else "CBOW", len(sentences), lang)
+        model = train_word2vec(sentences, params.embed, params.seed)
+        save_vectors(storage.EMBEDDINGS / f"{side}.w2v", model.wv)
+        report[side] = evaluate_vectors(model.wv, lang)
+        plot_projection(model.wv, storage.PLOTS / f"embeddings_{side}.png", f"word2vec ({lang}): PCA of frequent words")
+    storage.write_json(storage.REPORTS / "embeddings.json", report)
+    return report
+
+
+def train(params: Params) -> dict:
+    from pipeline.train import train as run_training
+
+    return run_training(params)
+
+
+def evaluate(params: Params) -> dict:
+    import torch
+
+    from pipeline.evaluate import evaluate as run_evaluation
+    from pipeline.model import load_translator
+    from pipeline.tracking import mlflow_setup
+
+    device = "cuda" if torch.cuda.is_available() and params.train.device != "cpu" else "cpu"
+    translator = load_translator(storage.MODEL_FILE, device)
+    metrics = run_evaluation(translator, pd.read_parquet(split_path("test")), params.evaluate, storage.REPORTS)
+    storage.write_json(storage.REPORTS / "metrics.json", {"test": metrics})
+    run = storage.read_json(storage.RUN_FILE)
+    mlflow = mlflow_setup(params.registry.experiment)
+    with mlflow.start_run(run_id=run["run_id"]):
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        mlflow.log_metrics({f"test_greedy_{k}": v for k, v in metrics["greedy"].items()})
+        mlflow.log_artifact(str(storage.REPORTS / "samples.md"))
+        mlflow.log_artifact(str(storage.REPORTS / "bleu_by_length.csv"))
+        mlflow.log_artifacts(str(storage.REPORTS / "attention"), "attention")
+    log.info("test BLEU %.2f, chrF %.2f, TER %.2f (beam %d); greedy BLEU %.2f", metrics["bleu"], metrics["chrf"],
+             metrics["ter"], metrics["beam_size"], metrics["greedy"]["bleu"])
+    return metrics
+
+
+def register(params: Params) -> dict:
+    from pipeline.registry import register as register_model
+
+    run = storage.read_json(storage.RUN_FILE)
+    metrics = storage.read_json(storage.REPORTS / "metrics.json")["test"]
+    result = register_model(params, storage.MODEL_FILE, run["run_id"], metrics)
+    storage.write_json(storage.REPORTS / "registry.json", result)
+    return result
+
+
+STAGES = {f.__name__: f for f in (ingest, prepare, embed, train, evaluate, register)}
