@@ -90,6 +90,7 @@ class TrainParams(Strict):
     attention: Literal["dot", "general", "bahdanau"] = "general"
     dropout: float = Field(0.2, ge=0, lt=1)
     freeze_embeddings: bool = False
+    embedding_std: float = Field(1.0, gt=0)  # word2vec vectors are rescaled to this std
     tie_embeddings: bool = True
     teacher_forcing: float = Field(1.0, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)

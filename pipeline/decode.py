@@ -16,8 +16,9 @@ class Hypothesis:
     score: float
 
 
-def max_lengths(src_len: torch.Tensor, ratio: float) -> int:
-    return int(src_len.max().item() * ratio) + 5
+def max_lengths(src_len: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Each sentence's output limit: long enough for a translation, short enough to stop babble."""
+    return (src_len.float() * ratio).long() + 5
 
 
 @torch.no_grad()
@@ -27,7 +28,8 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len_ratio
     prev = torch.full((batch,), SOS_ID, dtype=torch.long, device=src.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
     tokens, attentions, scores = [], [], torch.zeros(batch, device=src.device)
-    for _ in range(max_lengths(src_len, max_len_ratio)):
+    limits = max_lengths(src_len, max_len_ratio).to(src.device)
+    for step in range(int(limits.max())):
         attentional, state, weights = model.decoder.step(prev, state, memory)
         log_probs = torch.log_softmax(model.logits(attentional).float(), dim=-1)
         best, prev = log_probs.max(dim=-1)
@@ -35,7 +37,7 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len_ratio
         scores += best.masked_fill(finished, 0.0)
         tokens.append(prev)
         attentions.append(weights.float())
-        finished |= prev == EOS_ID
+        finished |= (prev == EOS_ID) | (step + 1 >= limits)
         if finished.all():
             break
     tokens = torch.stack(tokens, 1).cpu().numpy()
@@ -43,7 +45,7 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len_ratio
     out = []
     for b in range(batch):
         row = list(tokens[b])
-        length = row.index(EOS_ID) if EOS_ID in row else len(row)
+        length = next((i for i, t in enumerate(row) if t in (EOS_ID, PAD_ID)), len(row))
         out.append(Hypothesis(row[:length], attentions[b, :length, : int(src_len[b])], float(scores[b])))
     return out
 
@@ -70,10 +72,10 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int 
     attn_history = torch.zeros(batch * k, 0, src.size(1), device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
-    max_len = max_lengths(src_len, max_len_ratio)
+    limits = max_lengths(src_len, max_len_ratio).to(device)
     src_lengths = src_len.tolist()
 
-    for step in range(max_len):
+    for step in range(int(limits.max())):
         attentional, state, weights = model.decoder.step(prev, state, memory)
         log_probs = torch.log_softmax(model.logits(attentional).float(), dim=-1)
         vocab = log_probs.size(1)
@@ -82,9 +84,9 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int 
         beam_ids, token_ids = top_ids // vocab, top_ids % vocab
         source_rows = (beam_ids + torch.arange(batch, device=device).unsqueeze(1) * k)  # batch x 2k
         is_eos = token_ids == EOS_ID
-        last_step = step == max_len - 1
+        last_step = (step + 1 >= limits).unsqueeze(1)  # batch x 1
 
-        # Hypotheses that end here (and, at the last step, every live one) are set aside.
+        # Hypotheses that end here (and, at a sentence's last step, every live one) are set aside.
         ending = (is_eos | last_step) & torch.isfinite(top_scores)
         ending[:, k:] = False  # only candidates that would have made the beam
         for b, r in ending.nonzero().tolist():
@@ -95,8 +97,8 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int 
             attn = torch.cat([attn_history[row], weights[row].float().unsqueeze(0)])[: len(toks)]
             finished[b].append(Hypothesis(toks, attn[:, : src_lengths[b]].cpu().numpy(),
                                           float(top_scores[b, r]) / length_penalty(len(toks) + 1, alpha)))
-        done |= np.array([len(f) >= k for f in finished])
-        if done.all() or last_step:
+        done |= np.array([len(f) >= k for f in finished]) | last_step.squeeze(1).cpu().numpy()
+        if done.all():
             break
 
         # The best k candidates that did not end continue.

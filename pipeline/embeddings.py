@@ -51,8 +51,11 @@ def evaluate_vectors(vectors, lang: str) -> dict:
         attempted = sum(len(s["correct"]) + len(s["incorrect"]) for s in sections if s["section"] == "Total accuracy")
         report["analogy_accuracy"] = round(float(accuracy), 4)
         report["analogy_questions_covered"] = attempted
-        pearson, spearman, oov = vectors.evaluate_word_pairs(datapath("wordsim353.tsv"))
-        report["wordsim353_spearman"] = round(float(spearman[0]), 4) if not np.isnan(spearman[0]) else None
+        try:
+            _, spearman, oov = vectors.evaluate_word_pairs(datapath("wordsim353.tsv"))
+        except ValueError:  # gensim raises when no pair is in the vocabulary (small corpora)
+            spearman, oov = (float("nan"),), 100.0
+        report["wordsim353_spearman"] = None if np.isnan(spearman[0]) else round(float(spearman[0]), 4)
         report["wordsim353_oov_percent"] = round(float(oov), 2)
     probes = [w for w in PROBES.get(lang, []) if w in vectors.key_to_index] or vectors.index_to_key[:5]
     report["neighbours"] = {w: [n for n, _ in vectors.most_similar(w, topn=6)] for w in probes}
@@ -79,17 +82,21 @@ def plot_projection(vectors, path: Path, title: str, words: int = 150) -> None:
     storage.save_figure(path, fig)
 
 
-def embedding_matrix(vocab: Vocab, path: Path, seed: int) -> tuple[torch.Tensor, float]:
-    """A vocab-sized matrix: word2vec vectors where the word has one, and random vectors of the
-    same scale elsewhere; returns it with the share of the vocabulary covered."""
+def embedding_matrix(vocab: Vocab, path: Path, std: float, seed: int) -> tuple[torch.Tensor, float]:
+    """A vocab-sized matrix: word2vec vectors where the word has one, random ones elsewhere, all
+    rescaled to standard deviation `std`; returns it with the share of the vocabulary covered.
+
+    Word2vec's norms depend on corpus size and epochs (std 0.13 on the Bible, 0.02 on a few
+    hundred sentences). A fixed scale keeps the tied output layer's logits where training moves
+    them; the directions, which carry the meaning, are kept."""
     vectors = load_vectors(path)
     covered = [(i, vectors.key_to_index[w]) for i, w in enumerate(vocab.itos) if w in vectors.key_to_index]
-    scale = float(vectors.vectors.std())
     generator = torch.Generator().manual_seed(seed)
-    matrix = torch.randn(len(vocab), vectors.vector_size, generator=generator) * scale
+    matrix = torch.randn(len(vocab), vectors.vector_size, generator=generator) * std
     if covered:
         rows, sources = map(list, zip(*covered))
-        matrix[rows] = torch.from_numpy(vectors.vectors[sources].astype(np.float32))
+        pretrained = vectors.vectors[sources].astype(np.float32)
+        matrix[rows] = torch.from_numpy(pretrained * (std / max(float(pretrained.std()), 1e-8)))
     matrix[PAD_ID] = 0.0
     coverage = len(covered) / max(len(vocab) - 4, 1)
     return matrix, coverage

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,23 @@ def sequence_loss(model: Seq2Seq, attentional: torch.Tensor, targets: torch.Tens
     return loss, int(gold.numel())
 
 
+def autocast(cfg: TrainParams, device: torch.device):
+    """bf16 mixed precision on CUDA (no loss scaling needed); plain fp32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+
+
+def train_step(model: Seq2Seq, optimizer, batch, cfg: TrainParams) -> tuple[float, int]:
+    """One teacher-forced update; returns the summed loss and the number of target tokens."""
+    with autocast(cfg, batch.src.device):
+        attentional, _ = model(batch.src, batch.src_len, batch.tgt_in, cfg.teacher_forcing)
+        loss, tokens = sequence_loss(model, attentional, batch.tgt_out, cfg.sampled_softmax, cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    (loss / tokens).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    optimizer.step()
+    return loss.item(), tokens
+
+
 @torch.no_grad()
 def validation_loss(model: Seq2Seq, data: ParallelData, batch_tokens: int, device: torch.device) -> float:
     model.eval()
@@ -85,10 +103,15 @@ def validation_bleu(translator: Translator, frame: pd.DataFrame) -> float:
     return sacrebleu.corpus_bleu(hypotheses, [frame["tgt"].tolist()]).score
 
 
+# Stopping criteria do not change what training computes, so raising them resumes the same
+# training (`dvc exp run -S train.epochs=20` continues from the last checkpoint).
+STOPPING_PARAMS = {"epochs", "patience", "max_minutes", "checkpoint_every"}
+
+
 def fingerprint(params: Params, paths: list[Path]) -> str:
     """Which training a checkpoint belongs to: the train params, the seed and the input files."""
-    digest = hashlib.sha1(json.dumps([params.seed, params.train.model_dump(), params.embed.model_dump()],
-                                     sort_keys=True).encode())
+    train = params.train.model_dump(exclude=STOPPING_PARAMS)
+    digest = hashlib.sha1(json.dumps([params.seed, train], sort_keys=True).encode())
     for path in sorted(paths):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -129,11 +152,26 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> Progress
     return Progress(**state["progress"])
 
 
-def build_model(cfg: TrainParams, emb_size: int, src_vocab, tgt_vocab) -> Seq2Seq:
-    return Seq2Seq(ModelConfig(
-        src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), emb_size=emb_size, hidden_size=cfg.hidden_size,
+def tokenizers(params: Params) -> tuple[Tokenizer, Tokenizer]:
+    cfg = params.prepare
+    return Tokenizer(cfg.src_lang, cfg.lowercase_src), Tokenizer(cfg.tgt_lang, cfg.lowercase_tgt)
+
+
+def initial_model(params: Params, src_vocab, tgt_vocab, embeddings: Path,
+                  device: torch.device) -> tuple[Seq2Seq, float, float]:
+    """The untrained model with both embedding layers initialised from word2vec (the trained
+    model carries its own copy); returns it with the vocabulary coverage of each side."""
+    cfg = params.train
+    src_init, src_cov = embedding_matrix(src_vocab, embeddings / "src.w2v", cfg.embedding_std, params.seed)
+    tgt_init, tgt_cov = embedding_matrix(tgt_vocab, embeddings / "tgt.w2v", cfg.embedding_std, params.seed + 1)
+    model = Seq2Seq(ModelConfig(
+        src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), emb_size=src_init.size(1), hidden_size=cfg.hidden_size,
         encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers, bidirectional=cfg.bidirectional,
         attention=cfg.attention, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings))
+    model.load_embeddings(src_init, tgt_init)
+    if cfg.freeze_embeddings:
+        model.freeze_embeddings()
+    return model.to(device), src_cov, tgt_cov
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:
@@ -182,24 +220,18 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
     train_data = ParallelData(load_split("train", prepared), src_vocab, tgt_vocab)
     valid_frame = load_split("valid", prepared)
     valid_data = ParallelData(valid_frame, src_vocab, tgt_vocab)
-    src_tok = Tokenizer(params.prepare.src_lang, params.prepare.lowercase_src)
-    tgt_tok = Tokenizer(params.prepare.tgt_lang, params.prepare.lowercase_tgt)
-
-    # Word2vec vectors initialise both embedding layers; the trained model carries its own copy.
-    src_init, src_cov = embedding_matrix(src_vocab, embeddings / "src.w2v", params.seed)
-    tgt_init, tgt_cov = embedding_matrix(tgt_vocab, embeddings / "tgt.w2v", params.seed + 1)
-    model = build_model(cfg, src_init.size(1), src_vocab, tgt_vocab)
-    model.load_embeddings(src_init, tgt_init)
-    if cfg.freeze_embeddings:
-        model.freeze_embeddings()
-    model.to(device)
+    src_tok, tgt_tok = tokenizers(params)
+    model, src_cov, tgt_cov = initial_model(params, src_vocab, tgt_vocab, embeddings, device)
     log.info("model: %s parameters; embedding coverage src %.1f%%, tgt %.1f%%",
              f"{sum(p.numel() for p in model.parameters()):,}", 100 * src_cov, 100 * tgt_cov)
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay, patience=0)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_decay, patience=0)
     inputs = [prepared / f for f in ("train.parquet", "valid.parquet", "vocab.src.json", "vocab.tgt.json")]
-    checkpoint = checkpoints / fingerprint(params, inputs + sorted(embeddings.glob("*.w2v"))) / "last.pt"
+    code = Path(__file__).parent
+    sources = [code / "train.py", code / "data.py", *sorted((code / "model").glob("*.py"))]
+    run_dir = checkpoints / fingerprint(params, inputs + sorted(embeddings.glob("*.w2v")) + sources)
+    checkpoint, best_model = run_dir / "last.pt", run_dir / "best.pt"
     progress = Progress()
     if checkpoint.exists():
         progress = load_checkpoint(checkpoint, model, optimizer, scheduler, device)
@@ -220,28 +252,18 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
 
     translator = Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device)
     budget = cfg.max_minutes * 60
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
-    stop_reason = "epochs"
     started = time.monotonic() - progress.elapsed
-    while progress.epoch < cfg.epochs:
+    while progress.epoch < cfg.epochs and progress.bad_epochs < cfg.patience and progress.elapsed < budget:
         batches = train_data.batches(cfg.batch_tokens, seed=params.seed + progress.epoch)
         model.train()
         epoch_loss, epoch_tokens, epoch_start = 0.0, 0, time.monotonic()
         bar = tqdm(batches, initial=progress.batch, total=len(batches), unit="batch",
                    desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", mininterval=5.0)
         for rows in batches[progress.batch:]:
-            batch = train_data.make_batch(rows).to(device)
-            with amp:
-                attentional, _ = model(batch.src, batch.src_len, batch.tgt_in, cfg.teacher_forcing)
-                loss, tokens = sequence_loss(model, attentional, batch.tgt_out, cfg.sampled_softmax,
-                                             cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            (loss / tokens).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
+            loss, tokens = train_step(model, optimizer, train_data.make_batch(rows).to(device), cfg)
             progress.step += 1
             progress.batch += 1
-            epoch_loss, epoch_tokens = epoch_loss + loss.item(), epoch_tokens + tokens
+            epoch_loss, epoch_tokens = epoch_loss + loss, epoch_tokens + tokens
             bar.update(1)
             if progress.step % 20 == 0:
                 rate = epoch_tokens / max(time.monotonic() - epoch_start, 1e-9)
@@ -250,7 +272,6 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
             if progress.step % cfg.checkpoint_every == 0:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, progress)
             if progress.elapsed > budget:
-                stop_reason = "time_budget"
                 break
         bar.close()
         train_seconds = time.monotonic() - epoch_start
@@ -265,17 +286,18 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
                  record["epoch"], record["train_loss"], valid_loss, valid_bleu, record["tokens_per_sec"], record["lr"])
         if valid_bleu > progress.best_bleu:
             progress.best_bleu, progress.bad_epochs = valid_bleu, 0
-            save_model(out_dir / "model.pt", model, src_vocab, tgt_vocab, src_tok, tgt_tok)
+            save_model(best_model, model, src_vocab, tgt_vocab, src_tok, tgt_tok)
         else:
             progress.bad_epochs += 1
-        scheduler.step(valid_bleu)
+        scheduler.step(valid_loss)  # halve the rate once validation loss stops falling
         progress.epoch, progress.batch = progress.epoch + 1, 0
         save_checkpoint(checkpoint, model, optimizer, scheduler, progress)
-        if stop_reason == "time_budget":
-            break
-        if progress.bad_epochs >= cfg.patience:
-            stop_reason = "early_stopping"
-            break
+
+    stop_reason = ("time_budget" if progress.elapsed >= budget else
+                   "early_stopping" if progress.bad_epochs >= cfg.patience else "epochs")
+    # The best model lives beside the checkpoint, so a resumed or re-run training still has it.
+    with storage.atomic_path(out_dir / "model.pt") as tmp:
+        shutil.copyfile(best_model, tmp)
 
     summary = {
         "best_valid_bleu": progress.best_bleu,

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up vamos on a fresh Debian machine with Python 3.11: the Bible modules, a virtual
+# environment in .venv, and the package with its test tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_packages=(sword-text-web sword-text-sparv)   # the World English Bible and Reina-Valera 1909
+python3 -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
+if ! dpkg -s "${apt_packages[@]}" >/dev/null 2>&1; then
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}"
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned to the CPU build this project is tested with. A machine with a GPU can
+# install its own CUDA build of torch before running this: the project only asks for torch>=2.4.
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+echo "vamos is set up in .venv (activate it with: . .venv/bin/activate)"

@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny corpus made here, a small-params project directory, a real MLflow
+store on SQLite in a temp dir, and one trained tiny model per session."""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.tracking import offline_environment
+
+offline_environment()
+REPO = Path(__file__).resolve().parent.parent
+# The stages shell out to `vamos` (DVC, Prefect): put this interpreter's scripts first on PATH.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+NOUNS = {"dog": "perro", "cat": "gato", "king": "rey", "man": "hombre", "horse": "caballo", "bird": "pájaro",
+         "son": "hijo", "brother": "hermano"}
+ADJECTIVES = {"red": "rojo", "big": "grande", "small": "pequeño", "old": "viejo", "good": "bueno",
+              "black": "negro"}
+VERBS = {"sleeps": "duerme", "eats": "come", "runs": "corre", "sings": "canta", "walks": "camina"}
+
+
+def tiny_pairs(seed: int = 0) -> list[tuple[str, str]]:
+    """A small, learnable English-Spanish corpus: 'The red dog sleeps.' -> 'El perro rojo duerme.'"""
+    pairs = [(f"The {a} {n} {v}.", f"El {NOUNS[n]} {ADJECTIVES[a]} {VERBS[v]}.")
+             for n, a, v in itertools.product(NOUNS, ADJECTIVES, VERBS)]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{s}\t{t}\tCC-BY 2.0 (tests)\n" for s, t in pairs), encoding="utf-8")
+    return path
+
+
+def small_params(**overrides) -> dict:
+    """The project's params.yaml, shrunk so that every stage takes seconds."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["sources"] = [
+        {"kind": "sword", "name": "bible", "library": "/usr/share/sword", "src_module": "engWEB2015eb",
+         "tgt_module": "spaRV1909eb", "books": ["Ruth"]},
+        {"kind": "folder", "name": "incoming", "path": "data/incoming"},
+    ]
+    params["prepare"]["split"] = {"valid": 0.05, "test": 0.05}
+    params["prepare"]["vocab"]["min_freq"] = 1
+    params["embed"].update(vector_size=24, epochs=5, min_count=1)
+    params["train"].update(hidden_size=48, epochs=3, batch_tokens=200, sampled_softmax=50, max_minutes=5,
+                           checkpoint_every=10, patience=3, lr=0.01, threads=1)
+    params["evaluate"].update(beam_size=3, heatmaps=2, samples=5)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    return params
+
+
+def make_project(root: Path, params: dict | None = None) -> Path:
+    """A project directory with params.yaml and the tiny corpus in data/incoming."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params or small_params(), sort_keys=False))
+    write_tsv(root / "data" / "incoming" / "tiny.tsv", tiny_pairs())
+    return root
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, mlflow_store) -> Path:
+    """A fresh project directory, made the working directory (stages use relative paths)."""
+    root = make_project(tmp_path / "project")
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """Every stage run once, in order, on the tiny corpus; the tests read its outputs."""
+    from pipeline.config import load_params
+    from pipeline.stages import STAGES
+
+    # Enough epochs for the tiny model to learn the synthetic grammar (the tests check it did).
+    root = make_project(tmp_path_factory.mktemp("trained") / "project",
+                        small_params(**{"train.epochs": 12, "train.patience": 12}))
+    old_cwd, old_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.chdir(root)
+    try:
+        params = load_params()
+        for stage in STAGES.values():
+            stage(params)
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+    return root
+
+
+@pytest.fixture
+def trained_copy(trained_project, tmp_path, monkeypatch) -> Path:
+    """A private copy of the trained project (its MLflow store included), as the working directory."""
+    root = tmp_path / "project"
+    shutil.copytree(trained_project, root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.chdir(root)
+    return root

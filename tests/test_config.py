@@ -1,0 +1,66 @@
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import ParamsError, load_params
+from tests.conftest import REPO, small_params
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_project_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.train.attention in {"dot", "general", "bahdanau"}
+    assert params.registry.model_name == "vamos-en-es"
+
+
+def test_unknown_key_is_named(tmp_path):
+    params = small_params()
+    params["train"]["hiden_size"] = 10
+    with pytest.raises(ParamsError, match=r"train\.hiden_size"):
+        load_params(write(tmp_path, params))
+
+
+def test_bad_value_is_named_with_file(tmp_path):
+    params = small_params()
+    params["train"]["lr"] = -1
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, params))
+    assert "params.yaml" in str(error.value) and "train.lr" in str(error.value)
+
+
+def test_bad_source_kind_is_named(tmp_path):
+    params = small_params()
+    params["ingest"]["sources"] = [{"kind": "ftp", "path": "x"}]
+    with pytest.raises(ParamsError, match="ingest.sources.0"):
+        load_params(write(tmp_path, params))
+
+
+def test_split_must_leave_training_data(tmp_path):
+    params = small_params()
+    params["prepare"]["split"] = {"valid": 0.3, "test": 0.3}
+    with pytest.raises(ParamsError, match="split"):
+        load_params(write(tmp_path, params))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(write(tmp_path, "train: [unclosed"))
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_stage_rejects_bad_params_before_any_work(tmp_path, monkeypatch):
+    params = small_params()
+    params["embed"]["sg"] = 3
+    write(tmp_path, params)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["ingest"])
+    assert result.exit_code == 2
+    assert "embed.sg" in result.output
+    assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()

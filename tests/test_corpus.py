@@ -1,0 +1,91 @@
+import unicodedata
+
+import pandas as pd
+import pytest
+from hypothesis import given, strategies as st
+
+from pipeline.config import SwordSource
+from pipeline.corpus import CorpusError, Drops, clean_pairs, ingest, normalise, osis_to_text, read_sword_module, \
+    read_tsv_pairs
+
+
+def test_removed_notes_do_not_glue_words():
+    markup = ('<w lemma="strong:H0430">God</w><note placement="foot"><reference>1:1 </reference>The Hebrew '
+              'word</note><w lemma="strong:H1254">created</w> <w>the</w> <w>heavens</w>.')
+    assert osis_to_text(markup) == "God created the heavens."
+
+
+def test_canonical_titles_kept_and_headings_dropped():
+    markup = ('<title canonical="true" type="psalm">A Psalm by David.</title> <title type="section">Trust</title>'
+              '<l level="1"/>Yahweh, how<l eID="x"/>many!')
+    assert osis_to_text(markup) == "A Psalm by David. Yahweh, how many!"
+
+
+def test_trailing_glossary_is_cut_and_counted():
+    drops = Drops()
+    markup = 'Amen.<chapter eID="Rev.22"/><div type="glossary"><item>Zion is a name</item></div>'
+    assert osis_to_text(markup, drops) == "Amen."
+    assert drops.counts["repaired_trailing_matter_cut"] == 1
+
+
+def test_reads_installed_bible_module_by_osis_reference():
+    english = read_sword_module("/usr/share/sword", "engWEB2015eb", ["Ruth"])
+    spanish = read_sword_module("/usr/share/sword", "spaRV1909eb", ["Ruth"])
+    assert len(english) == len(spanish) == 85
+    assert "Naomi" in osis_to_text(english["Ruth.1.2"])
+    assert "Noemi" in osis_to_text(spanish["Ruth.1.2"])
+
+
+def test_bible_pairs_are_aligned_and_clean():
+    pairs, report = ingest([SwordSource(books=["Ruth", "Jonah"])], max_words=80, max_ratio=3.0)
+    assert report["kept"] == len(pairs) > 120
+    assert pairs["id"].is_unique and pairs["id"].iloc[0] == "Ruth.1.1"
+    assert not pairs["src"].str.contains("<|>").any()
+    first = pairs.set_index("id").loc["Jonah.1.1"]
+    assert "Jonah" in first["src"] and "Jonás" in first["tgt"]
+
+
+def test_missing_module_is_a_clear_error():
+    with pytest.raises(CorpusError, match="no SWORD module 'nope'"):
+        read_sword_module("/usr/share/sword", "nope")
+
+
+def test_tsv_bad_lines_are_counted_not_fatal(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(b"\xef\xbb\xbfHello.\tHola.\tCC\r\n"
+                     b"no tab here\n"
+                     b"Bad \xff byte\tMal\n"
+                     b"nul\x00\tbyte\n"
+                     b"Good night.\tBuenas noches.\n")
+    drops = Drops()
+    frame = read_tsv_pairs(path, "tsv", drops)
+    assert frame[["src", "tgt"]].values.tolist() == [["Hello.", "Hola."], ["Good night.", "Buenas noches."]]
+    assert drops.as_dict() == {"binary_line": 1, "invalid_utf8": 1, "missing_column": 1}
+
+
+def test_unreadable_file_names_the_file(tmp_path):
+    with pytest.raises(CorpusError, match="missing.tsv"):
+        read_tsv_pairs(tmp_path / "missing.tsv", "tsv", Drops())
+
+
+def test_each_cleaning_rule_is_counted():
+    frame = pd.DataFrame({
+        "id": list("abcdefg"),
+        "src": ["Hello  there.", "", "one two three four five six", "x", "Same", "Hello there.", "ok"],
+        "tgt": ["Hola.", "Vacío", "uno", "uno dos tres cuatro cinco seis siete", "same", "Hola.", "bien"],
+    })
+    drops = Drops()
+    kept = clean_pairs(frame, drops, max_words=6, max_ratio=2.5)
+    assert kept["id"].tolist() == ["a", "g"]
+    assert kept["src"].iloc[0] == "Hello there."
+    assert drops.as_dict() == {"duplicate": 1, "empty_side": 1, "length_ratio": 1, "source_equals_target": 1,
+                               "too_long": 1}
+
+
+@given(st.text())
+def test_normalise_is_idempotent_nfc_and_control_free(text):
+    once = normalise(text)
+    assert normalise(once) == once
+    assert unicodedata.is_normalized("NFC", once)
+    assert not any(unicodedata.category(c) == "Cc" for c in once)
+    assert once == once.strip() and "  " not in once

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from pipeline.data import pad
+from pipeline.model import ModelConfig, Seq2Seq, load_model, save_model
+from pipeline.text import SOS_ID, Tokenizer, Vocab
+from pipeline.train import sequence_loss
+
+
+def make_model(attention="general", **kw) -> Seq2Seq:
+    torch.manual_seed(0)
+    config = dict(src_vocab=30, tgt_vocab=25, emb_size=8, hidden_size=12, attention=attention, dropout=0.0)
+    config.update(kw)
+    return Seq2Seq(ModelConfig(**config)).eval()
+
+
+def source_batch():
+    src = pad([[5, 6, 7, 8, 9], [10, 11]])
+    return src, torch.tensor([5, 2])
+
+
+@pytest.mark.parametrize("attention", ["dot", "general", "bahdanau"])
+def test_attention_is_a_distribution_over_real_positions(attention):
+    model = make_model(attention)
+    src, src_len = source_batch()
+    tgt_in = torch.tensor([[SOS_ID, 4, 5], [SOS_ID, 6, 0]])
+    _, weights = model(src, src_len, tgt_in)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 3), atol=1e-5)
+    assert torch.all(weights[1, :, 2:] == 0)  # padding gets no attention
+    assert torch.all(weights[1, :, :2] > 0)
+
+
+def test_attention_moves_when_the_source_changes():
+    model = make_model()
+    src, src_len = source_batch()
+    tgt_in = torch.tensor([[SOS_ID, 4], [SOS_ID, 6]])
+    _, before = model(src, src_len, tgt_in)
+    changed = src.clone()
+    changed[0, 2] = 20
+    _, after = model(changed, src_len, tgt_in)
+    assert not torch.allclose(before[0], after[0])
+    assert torch.allclose(before[1], after[1], atol=1e-6)  # the other sentence is untouched
+
+
+def test_outputs_do_not_depend_on_padding_or_batch_mates():
+    model = make_model(bidirectional=True, encoder_layers=2, decoder_layers=2)
+    alone_src, alone_len = pad([[10, 11]]), torch.tensor([2])
+    tgt_in = torch.tensor([[SOS_ID, 6, 7]])
+    alone, _ = model(alone_src, alone_len, tgt_in)
+    src, src_len = source_batch()
+    batched, _ = model(src, src_len, torch.tensor([[SOS_ID, 4, 5], [SOS_ID, 6, 7]]))
+    assert torch.allclose(alone[0], batched[1], atol=1e-5)
+
+
+def test_sampled_softmax_trains_and_full_softmax_evaluates():
+    model = make_model(tie_embeddings=True).train()
+    src, src_len = source_batch()
+    tgt_in = torch.tensor([[SOS_ID, 4, 5], [SOS_ID, 6, 0]])
+    tgt_out = torch.tensor([[4, 5, 3], [6, 3, 0]])
+    attentional, _ = model(src, src_len, tgt_in)
+    loss, tokens = sequence_loss(model, attentional, tgt_out, negatives=5, label_smoothing=0.1)
+    assert tokens == 5 and torch.isfinite(loss)
+    loss.backward()
+    assert model.encoder.embedding.weight.grad.abs().sum() > 0
+    assert model.generator.weight is model.decoder.embedding.weight
+    model.eval()
+    full, _ = sequence_loss(model, attentional.detach(), tgt_out, negatives=5, label_smoothing=0.0)
+    logits = model.generator(attentional.detach()[tgt_out != 0])
+    expected = torch.nn.functional.cross_entropy(logits, tgt_out[tgt_out != 0], reduction="sum")
+    assert torch.allclose(full, expected)
+
+
+def test_teacher_forcing_below_one_feeds_predictions():
+    model = make_model().train()
+    src, src_len = source_batch()
+    tgt_in = torch.tensor([[SOS_ID, 4, 5, 6], [SOS_ID, 6, 7, 0]])
+    torch.manual_seed(1)
+    forced, _ = model(src, src_len, tgt_in, teacher_forcing=1.0)
+    torch.manual_seed(1)
+    free, _ = model(src, src_len, tgt_in, teacher_forcing=0.0)
+    assert torch.allclose(forced[:, 0], free[:, 0]) and not torch.allclose(forced[:, 1:], free[:, 1:])
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    model = make_model()
+    vocab_src, vocab_tgt = Vocab([f"s{i}" for i in range(26)]), Vocab([f"t{i}" for i in range(21)])
+    save_model(tmp_path / "m.pt", model, vocab_src, vocab_tgt, Tokenizer("en", True), Tokenizer("es", False))
+    loaded, src_vocab, tgt_vocab, src_tok, tgt_tok = load_model(tmp_path / "m.pt")
+    assert src_vocab.itos == vocab_src.itos and tgt_tok == Tokenizer("es", False)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,91 @@
+"""One test per stage, on the outputs of every stage run once on the tiny corpus."""
+import json
+from collections import Counter
+
+import pandas as pd
+from hypothesis import given, strategies as st
+
+from pipeline.data import SPLITS
+from pipeline.embeddings import load_vectors
+from pipeline.stages import split_of
+from pipeline.text import Vocab
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_ingest_combines_sources_and_reports_counts(trained_project):
+    pairs = pd.read_parquet(trained_project / "data/raw/pairs.parquet")
+    assert list(pairs.columns) == ["id", "origin", "src", "tgt"]
+    assert set(pairs["origin"]) == {"bible", "incoming"}
+    assert pairs["id"].is_unique and "Ruth.1.1" in set(pairs["id"])
+    report = read_json(trained_project / "reports/ingest.json")
+    assert report["kept"] == len(pairs)
+    assert report["read"] == {"bible": 85, "incoming": 240}
+    assert all(isinstance(n, int) and n > 0 for n in report["dropped"].values())
+
+
+def test_prepare_splits_without_leaks(trained_project):
+    frames = {s: pd.read_parquet(trained_project / f"data/prepared/{s}.parquet") for s in SPLITS}
+    for frame in frames.values():
+        assert {"id", "src", "tgt", "src_tokens", "tgt_tokens"} <= set(frame.columns)
+    ids = [set(f["id"]) for f in frames.values()]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    held_out = set(frames["valid"]["src_tokens"]) | set(frames["test"]["src_tokens"])
+    assert not held_out & set(frames["train"]["src_tokens"])
+    assert len(frames["train"]) > 10 * (len(frames["valid"]) + len(frames["test"])) / 2
+    assert frames["train"]["src"].iloc[0] == frames["train"]["src"].iloc[0].strip()  # untokenised text
+    vocab = Vocab.load(trained_project / "data/prepared/vocab.tgt.json")
+    assert vocab.itos[:4] == ["<pad>", "<unk>", "<sos>", "<eos>"] and "perro" in vocab
+
+
+def test_split_is_stable_when_the_corpus_grows():
+    ids = [f"Gen.{c}.{v}" for c in range(1, 30) for v in range(1, 40)]
+    before = {i: split_of(i, 0.05, 0.05) for i in ids}
+    after = {i: split_of(i, 0.05, 0.05) for i in ids + [f"new:{n}" for n in range(500)]}
+    assert all(after[i] == before[i] for i in ids)
+    counts = Counter(before.values())
+    assert 0.02 < counts["test"] / len(ids) < 0.08 and 0.02 < counts["valid"] / len(ids) < 0.08
+
+
+@given(st.text(min_size=1))
+def test_split_of_is_a_pure_function_of_the_id(pair_id):
+    assert split_of(pair_id, 0.01, 0.01) == split_of(pair_id, 0.01, 0.01) in {"train", "valid", "test"}
+
+
+def test_embed_writes_vectors_reports_and_projections(trained_project):
+    vectors = load_vectors(trained_project / "models/embeddings/tgt.w2v")
+    assert vectors.vector_size == 24 and "perro" in vectors.key_to_index
+    report = read_json(trained_project / "reports/embeddings.json")
+    assert "analogy_accuracy" in report["src"] and "wordsim353_spearman" in report["src"]
+    assert report["tgt"]["neighbours"]
+    for side in ("src", "tgt"):
+        assert (trained_project / f"reports/plots/embeddings_{side}.png").stat().st_size > 10_000
+
+
+def test_train_writes_model_curve_and_run(trained_project):
+    summary = read_json(trained_project / "reports/train.json")
+    assert summary["epochs"] >= 1 and summary["peak_memory_mb"] > 0
+    curve = pd.read_csv(trained_project / "reports/learning_curve.csv")
+    assert {"epoch", "train_loss", "valid_loss", "valid_bleu"} <= set(curve.columns)
+    assert (trained_project / "models/seq2seq/model.pt").exists()
+    assert read_json(trained_project / "models/seq2seq/run.json")["run_id"]
+
+
+def test_evaluate_scores_the_test_split(trained_project):
+    metrics = read_json(trained_project / "reports/metrics.json")["test"]
+    test = pd.read_parquet(trained_project / "data/prepared/test.parquet")
+    assert metrics["sentences"] == len(test)
+    for key in ("bleu", "chrf", "ter"):
+        assert 0 <= metrics[key] and 0 <= metrics["greedy"][key]
+    assert metrics["chrf"] > 5  # the tiny model has learned something of the target language
+    assert len(list((trained_project / "reports/attention").glob("*.png"))) == 2
+    assert "| id |" in (trained_project / "reports/samples.md").read_text()
+    assert not pd.read_csv(trained_project / "reports/bleu_by_length.csv").empty
+
+
+def test_register_makes_a_champion(trained_project):
+    registry = read_json(trained_project / "reports/registry.json")
+    assert registry["alias"] == "champion" and registry["version"] == 1
+    assert registry["model"] == "vamos-en-es"

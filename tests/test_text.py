@@ -1,0 +1,40 @@
+from hypothesis import given, strategies as st
+
+from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK_ID, Tokenizer, Vocab
+
+
+def test_tokenize_splits_punctuation_and_lowercases_after():
+    tokens = Tokenizer("en", lowercase=True).tokenize("The water. The fire, “Let’s go!”")
+    assert tokens == ["the", "water", ".", "the", "fire", ",", '"', "let", "'s", "go", "!", '"']
+
+
+def test_spanish_round_trip_is_readable():
+    tok = Tokenizer("es", lowercase=False)
+    text = "¿Podrás tú hacerme entender el sueño? Y dijo: No, señor."
+    assert tok.detokenize(tok.tokenize(text)) == text
+
+
+def test_vocab_specials_have_fixed_ids():
+    vocab = Vocab.build([["a", "b", "a"], ["c", "a"]], min_freq=1, max_size=100)
+    assert [vocab.stoi[t] for t in ("<pad>", "<unk>", "<sos>", "<eos>")] == [PAD_ID, UNK_ID, SOS_ID, EOS_ID]
+    assert vocab.itos[4] == "a"  # most frequent first
+
+
+def test_vocab_caps_and_unknowns(tmp_path):
+    vocab = Vocab.build([["a"] * 5 + ["b"] * 3 + ["c"]], min_freq=2, max_size=5)
+    assert "a" in vocab and "b" not in vocab and "c" not in vocab and len(vocab) == 5
+    assert vocab.encode(["a", "zzz"]) == [4, UNK_ID]
+    vocab.save(tmp_path / "v.json")
+    assert Vocab.load(tmp_path / "v.json").itos == vocab.itos
+
+
+def test_decode_stops_at_eos_and_skips_padding():
+    vocab = Vocab(["x", "y"])
+    assert vocab.decode([SOS_ID, 4, 5, EOS_ID, 4, PAD_ID]) == ["x", "y"]
+
+
+@given(st.lists(st.text(alphabet=st.characters(whitelist_categories=("Ll", "Lu", "Nd", "Po")), min_size=1,
+                        max_size=8), min_size=1, max_size=12))
+def test_vocab_round_trip(words):
+    vocab = Vocab.build([words], min_freq=1, max_size=1000)
+    assert vocab.decode(vocab.encode(words)) == [w for w in words]
