@@ -90,14 +90,16 @@ class TrainParams(Strict):
     attention: Literal["dot", "general", "bahdanau"] = "general"
     dropout: float = Field(0.2, ge=0, lt=1)
     freeze_embeddings: bool = False
-    embedding_std: float = Field(1.0, gt=0)  # word2vec vectors are rescaled to this std
+    # None keeps word2vec's own scale (best on the Bible); a number rescales the vectors to that
+    # std, which helps on tiny corpora whose vectors are barely trained.
+    embedding_std: float | None = Field(None, gt=0)
     tie_embeddings: bool = True
     teacher_forcing: float = Field(1.0, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     sampled_softmax: int = Field(3000, ge=0)  # negatives per batch; 0 = full softmax
     batch_tokens: int = Field(2500, ge=16)  # target tokens per batch
     lr: float = Field(3e-3, gt=0)
-    lr_decay: float = Field(0.5, gt=0, le=1)  # on a valid-loss plateau
+    lr_decay: float = Field(0.5, gt=0, lt=1)  # factor on a valid-loss plateau
     clip_grad: float = Field(1.0, gt=0)
     epochs: int = Field(10, ge=1)
     patience: int = Field(3, ge=1)  # epochs without valid improvement before stopping

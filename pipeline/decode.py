@@ -134,8 +134,11 @@ class Translator:
         self.device = torch.device(device)
 
     def translate_tokens(self, sources: list[list[str]], beam_size: int = 5, alpha: float = 1.0,
-                         max_len_ratio: float = 1.5, batch_size: int = 64) -> list[tuple[list[str], np.ndarray]]:
-        """Token lists in, (output tokens, attention) out, in the input order."""
+                         max_len_ratio: float = 1.5, batch_size: int = 64,
+                         originals: list[list[str]] | None = None) -> list[tuple[list[str], np.ndarray]]:
+        """Token lists in, (output tokens, attention) out, in the input order. Unknown output
+        words are copied from `originals` (the cased source tokens) where given."""
+        originals = originals or sources
         from pipeline.data import pad
 
         results: list = [None] * len(sources)
@@ -146,10 +149,12 @@ class Translator:
             src = pad(ids).to(self.device)
             src_len = torch.tensor([max(len(sources[i]), 1) for i in rows], device=self.device)
             for i, hyp in zip(rows, beam_search(self.model, src, src_len, beam_size, alpha, max_len_ratio)):
-                words = replace_unknowns(self.tgt_vocab.decode(hyp.tokens), hyp.attention, sources[i])
+                words = replace_unknowns(self.tgt_vocab.decode(hyp.tokens), hyp.attention, originals[i])
                 results[i] = (words, hyp.attention)
         return results
 
     def translate(self, texts: list[str], **search) -> list[str]:
-        sources = [self.src_tok.tokenize(t) for t in texts]
-        return [self.tgt_tok.detokenize(words) for words, _ in self.translate_tokens(sources, **search)]
+        originals = [self.src_tok.tokenize_cased(t) for t in texts]
+        sources = [[t.lower() for t in s] for s in originals] if self.src_tok.lowercase else originals
+        outputs = self.translate_tokens(sources, originals=originals, **search)
+        return [self.tgt_tok.detokenize(words) for words, _ in outputs]

@@ -59,7 +59,8 @@ def plot_attention(source: list[str], output: list[str], attention: np.ndarray, 
 def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, reports: Path) -> dict:
     sources = [s.split() for s in test["src_tokens"]]
     references = test["tgt"].tolist()
-    search = {"alpha": cfg.length_penalty, "max_len_ratio": cfg.max_len_ratio, "batch_size": cfg.batch_size}
+    search = {"alpha": cfg.length_penalty, "max_len_ratio": cfg.max_len_ratio, "batch_size": cfg.batch_size,
+              "originals": [translator.src_tok.tokenize_cased(s) for s in test["src"]]}
     log.info("decoding %d test sentences (greedy, then beam %d)", len(sources), cfg.beam_size)
     greedy = translator.translate_tokens(sources, beam_size=1, **search)
     beam = translator.translate_tokens(sources, beam_size=cfg.beam_size, **search)

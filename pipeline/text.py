@@ -33,9 +33,13 @@ class Tokenizer:
         return MosesDetokenizer(lang=self.lang)
 
     def tokenize(self, text: str) -> list[str]:
-        # Lowercase after tokenising: Moses uses case to tell a sentence end from an abbreviation.
-        tokens = self._moses.tokenize(text.translate(_QUOTES), escape=False, aggressive_dash_splits=True)
+        tokens = self.tokenize_cased(text)
         return [t.lower() for t in tokens] if self.lowercase else tokens
+
+    def tokenize_cased(self, text: str) -> list[str]:
+        """The same tokens with their case kept: what unknown words are copied from. (Lowercasing
+        comes after tokenising because Moses uses case to tell a sentence end from an abbreviation.)"""
+        return self._moses.tokenize(text.translate(_QUOTES), escape=False, aggressive_dash_splits=True)
 
     def detokenize(self, tokens: Sequence[str]) -> str:
         return self._demoses.detokenize([t for t in tokens if t not in SPECIALS or t == UNK]).replace(" @-@ ", "-")

@@ -98,7 +98,8 @@ def validation_bleu(translator: Translator, frame: pd.DataFrame) -> float:
     a translator is judged by, so it picks the model and stops training."""
     translator.model.eval()
     sources = [s.split() for s in frame["src_tokens"]]
-    outputs = translator.translate_tokens(sources, beam_size=1)
+    originals = [translator.src_tok.tokenize_cased(s) for s in frame["src"]]
+    outputs = translator.translate_tokens(sources, beam_size=1, originals=originals)
     hypotheses = [translator.tgt_tok.detokenize(words) for words, _ in outputs]
     return sacrebleu.corpus_bleu(hypotheses, [frame["tgt"].tolist()]).score
 

@@ -52,7 +52,8 @@ def small_params(**overrides) -> dict:
     params["prepare"]["vocab"]["min_freq"] = 1
     params["embed"].update(vector_size=24, epochs=5, min_count=1)
     params["train"].update(hidden_size=48, epochs=3, batch_tokens=200, sampled_softmax=50, max_minutes=5,
-                           checkpoint_every=10, patience=3, lr=0.01, threads=1)
+                           checkpoint_every=10, patience=3, lr=0.01, threads=1,
+                           embedding_std=1.0, lr_decay=0.9, dropout=0.0)
     params["evaluate"].update(beam_size=3, heatmaps=2, samples=5)
     for key, value in overrides.items():
         section, name = key.split(".")
@@ -115,4 +116,26 @@ def trained_copy(trained_project, tmp_path, monkeypatch) -> Path:
     shutil.copytree(trained_project, root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.chdir(root)
+    return root
+
+
+def run(cmd: list[str], cwd: Path, **kw):
+    import subprocess
+
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+
+
+def make_dvc_repo(root: Path) -> Path:
+    """A git + DVC repository holding the real dvc.yaml, the pipeline code it depends on, small
+    params and the tiny corpus; committed, as a user's checkout would be."""
+    make_project(root, small_params(**{"train.epochs": 2}))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    dvc = [sys.executable, "-m", "dvc"]
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
+                [*dvc, "init", "-q"], [*dvc, "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        result = run(cmd, root)
+        assert result.returncode == 0, result.stderr
     return root

@@ -1,0 +1,60 @@
+"""The whole pipeline end to end through real DVC in a temp git repo, with a real MLflow store."""
+import json
+import sys
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.stages import STAGES
+from tests.conftest import make_dvc_repo, run
+
+pytestmark = pytest.mark.slow
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def test_dvc_repro_runs_every_stage_then_nothing(tmp_path, mlflow_store):
+    repo = make_dvc_repo(tmp_path / "repo")
+    first = run([*DVC, "repro"], repo)
+    assert first.returncode == 0, first.stdout + first.stderr
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+    prepared = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"][0]
+    assert prepared["md5"].endswith(".dir")
+
+    metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]
+    assert {"bleu", "chrf", "ter"} <= set(metrics)
+    shown = run([*DVC, "metrics", "show", "--json"], repo)
+    assert shown.returncode == 0 and "bleu" in shown.stdout and "chrf" in shown.stdout
+    plots = run([*DVC, "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    assert plots.returncode == 0, plots.stderr
+    assert "learning_curve" in (tmp_path / "plots" / "index.html").read_text()
+
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("vamos-en-es", "champion")
+    run_info = client.get_run(champion.run_id)
+    assert run_info.data.tags["dvc.prepared_md5"] == prepared["md5"]
+    assert "test_bleu" in run_info.data.metrics
+    assert mlflow.pyfunc.load_model("models:/vamos-en-es@champion").predict(["The red dog sleeps."])[0]
+
+    second = run([*DVC, "repro"], repo)
+    assert second.returncode == 0
+    assert "Running stage" not in second.stdout
+    assert "up to date" in second.stdout.lower()
+
+
+def test_new_incoming_data_retrains(tmp_path, mlflow_store):
+    repo = make_dvc_repo(tmp_path / "repo")
+    assert run([*DVC, "repro"], repo).returncode == 0
+    with open(repo / "data/incoming/more.tsv", "w", encoding="utf-8") as f:
+        f.write("The dog is here.\tEl perro está aquí.\n")
+    again = run([*DVC, "repro"], repo)
+    assert again.returncode == 0, again.stderr
+    assert "Running stage 'ingest'" in again.stdout and "Running stage 'train'" in again.stdout
+    assert int(MlflowClient().get_model_version_by_alias("vamos-en-es", "champion").version) >= 1
+    versions = MlflowClient().search_model_versions("name='vamos-en-es'")
+    assert len(versions) == 2
