@@ -56,3 +56,19 @@ def test_bad_params_fail_before_any_stage(prefect_server, tmp_path, mlflow_store
     assert state.is_failed()
     assert "evaluate.beam_size" in str(state.message) or "evaluate.beam_size" in repr(state.result(raise_on_failure=False))
     assert not (repo / "data" / "raw").exists()
+
+
+def test_deployment_has_the_cron_schedule_and_one_run_at_a_time(prefect_server, tmp_path):
+    from flows.deploy import build_deployment
+
+    deployment_id = build_deployment("0 3 * * *", tmp_path, "nightly-test").apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    deployment = asyncio.run(read())
+    assert deployment.name == "nightly-test"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.parameters == {"project": str(tmp_path.resolve())}
+    assert deployment.concurrency_limit == 1 or deployment.global_concurrency_limit.limit == 1
