@@ -17,6 +17,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from pipeline.align import align_verses
 from pipeline.config import FolderSource, Source, SwordSource, TsvSource
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,20 @@ def read_sword_module(library: str, module: str, books: list[str] | None = None)
     return verses
 
 
-def read_sword_pairs(source: SwordSource, drops: Drops) -> pd.DataFrame:
-    src = read_sword_module(source.library, source.src_module, source.books)
-    tgt = read_sword_module(source.library, source.tgt_module, source.books)
-    drops.add("no_counterpart_in_target", len(src.keys() - tgt.keys()))
-    drops.add("no_counterpart_in_source", len(tgt.keys() - src.keys()))
-    refs = [ref for ref in src if ref in tgt]  # source order: canonical book order
-    rows = [(ref, osis_to_text(src[ref], drops), osis_to_text(tgt[ref], drops)) for ref in refs]
-    frame = pd.DataFrame(rows, columns=["id", "src", "tgt"])
+def read_sword_pairs(source: SwordSource, drops: Drops, notes: dict) -> pd.DataFrame:
+    """Verse pairs of two Bible modules. Verses are paired by reference, except in chapters where
+    the translations number verses differently: there by length (see pipeline.align)."""
+    src = {ref: osis_to_text(markup, drops) for ref, markup in
+           read_sword_module(source.library, source.src_module, source.books).items()}
+    tgt = {ref: osis_to_text(markup, drops) for ref, markup in
+           read_sword_module(source.library, source.tgt_module, source.books).items()}
+    pairs, realigned = align_verses(src, tgt)
+    paired_src, paired_tgt = {s for s, _ in pairs}, {t for _, t in pairs}
+    drops.add("no_counterpart_in_target", sum(1 for r, text in src.items() if text and r not in paired_src))
+    drops.add("no_counterpart_in_source", sum(1 for r, text in tgt.items() if text and r not in paired_tgt))
+    drops.add("repaired_verses_realigned", sum(1 for s, t in pairs if s != t))
+    notes.setdefault("realigned_chapters", []).extend(realigned)
+    frame = pd.DataFrame([(s, src[s], tgt[t]) for s, t in pairs], columns=["id", "src", "tgt"])
     frame.insert(1, "origin", source.name)
     return frame
 
@@ -158,9 +165,9 @@ def read_tsv_pairs(path: str | Path, origin: str, drops: Drops) -> pd.DataFrame:
     return frame
 
 
-def read_source(source: Source, drops: Drops) -> pd.DataFrame:
+def read_source(source: Source, drops: Drops, notes: dict) -> pd.DataFrame:
     if isinstance(source, SwordSource):
-        return read_sword_pairs(source, drops)
+        return read_sword_pairs(source, drops, notes)
     if isinstance(source, TsvSource):
         return read_tsv_pairs(source.path, source.name, drops)
     if isinstance(source, FolderSource):
@@ -206,10 +213,10 @@ def clean_pairs(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: fl
 
 def ingest(sources: Iterable[Source], max_words: int, max_ratio: float) -> tuple[pd.DataFrame, dict]:
     """Read, clean and combine all sources; returns the pairs and a report of counts by reason."""
-    drops = Drops()
+    drops, notes = Drops(), {}
     frames, read_per_source = [], {}
     for source in sources:
-        frame = read_source(source, drops)
+        frame = read_source(source, drops, notes)
         read_per_source[source.name] = len(frame)
         log.info("read %d pairs from %s source %r", len(frame), source.kind, source.name)
         frames.append(frame)
@@ -227,5 +234,6 @@ def ingest(sources: Iterable[Source], max_words: int, max_ratio: float) -> tuple
         "kept": len(pairs),
         "dropped": {k: v for k, v in counts.items() if not k.startswith("repaired_")},
         "repaired": {k.removeprefix("repaired_"): v for k, v in counts.items() if k.startswith("repaired_")},
+        **notes,
     }
     return pairs, report
