@@ -21,7 +21,7 @@ class Strict(BaseModel):
 class SwordSource(Strict):
     kind: Literal["sword"] = "sword"
     name: str = "bible"
-    library: str = "/usr/share/sword"  # a SWORD library root (Debian installs modules here)
+    library: str = "/usr/share/sword"  # a SWORD library folder (Debian installs here) or a module zip
     src_module: str = "engWEB2015eb"
     tgt_module: str = "spaRV1909eb"
     books: list[str] | None = None  # OSIS book names to keep, e.g. [Ruth]; None keeps all
@@ -35,6 +35,26 @@ class TsvSource(Strict):
     path: str
 
 
+class TableSource(Strict):
+    """CSV, TSV or Parquet with named columns (by file extension), read through pandas."""
+
+    kind: Literal["table"] = "table"
+    name: str = "table"
+    path: str
+    src_column: str = "english"
+    tgt_column: str = "spanish"
+    id_column: str | None = None  # a stable id per pair, if the table has one
+
+
+class TextPairSource(Strict):
+    """Two aligned plain-text files: line n of one translates line n of the other."""
+
+    kind: Literal["text_pair"] = "text_pair"
+    name: str = "text"
+    src_path: str
+    tgt_path: str
+
+
 class FolderSource(Strict):
     """Every *.tsv file in a folder: drop files there and the next run trains on them."""
 
@@ -43,7 +63,8 @@ class FolderSource(Strict):
     path: str = "data/incoming"
 
 
-Source = Annotated[Union[SwordSource, TsvSource, FolderSource], Field(discriminator="kind")]
+Source = Annotated[Union[SwordSource, TsvSource, TableSource, TextPairSource, FolderSource],
+                   Field(discriminator="kind")]
 
 
 class IngestParams(Strict):

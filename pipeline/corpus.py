@@ -18,7 +18,7 @@ from typing import Iterable
 import pandas as pd
 
 from pipeline.align import align_verses
-from pipeline.config import FolderSource, Source, SwordSource, TsvSource
+from pipeline.config import FolderSource, Source, SwordSource, TableSource, TextPairSource, TsvSource
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,16 @@ class CorpusError(ValueError):
 
 @dataclass
 class Drops:
-    """Counts of dropped or repaired rows, by reason."""
+    """Counts of dropped or repaired rows by reason, with the first few places of each."""
 
     counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, reason: str, n: int = 1) -> None:
+    def add(self, reason: str, n: int = 1, where: str | None = None) -> None:
         if n:
             self.counts[reason] += n
+        if where and len(self.examples.setdefault(reason, [])) < 5:
+            self.examples[reason].append(where)
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
@@ -76,8 +79,9 @@ def osis_to_text(markup: str, drops: Drops | None = None) -> str:
 def _open_bible(library: str, module: str):
     from pysword.modules import SwordModules
 
-    if not Path(library).is_dir():
-        raise CorpusError(f"{library}: no SWORD library here (install sword-text-web and sword-text-sparv)")
+    if not (Path(library).is_dir() or Path(library).is_file() and library.endswith(".zip")):
+        raise CorpusError(f"{library}: no SWORD library folder or module zip here "
+                          "(the default needs the Debian packages sword-text-web and sword-text-sparv)")
     modules = SwordModules(library)
     found = modules.parse_modules()
     if module not in found:
@@ -132,8 +136,10 @@ def content_id(src: str, tgt: str) -> str:
     return hashlib.sha1(f"{src}\t{tgt}".encode()).hexdigest()[:16]
 
 
-def read_tsv_pairs(path: str | Path, origin: str, drops: Drops) -> pd.DataFrame:
-    """Pairs from `source<TAB>target[<TAB>...]` lines; unreadable lines are counted, not fatal."""
+def decoded_lines(path: str | Path, drops: Drops) -> list[tuple[int, str | None]]:
+    """(line number, text) for every line of a UTF-8 text file; text is None where the line is
+    unreadable (NUL bytes, invalid UTF-8), which is counted with its place. A BOM and CRLF line
+    endings are accepted."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -141,26 +147,78 @@ def read_tsv_pairs(path: str | Path, origin: str, drops: Drops) -> pd.DataFrame:
         raise CorpusError(f"{path}: cannot read: {e.strerror}") from None
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    rows = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    out: list[tuple[int, str | None]] = []
+    for number, raw in enumerate(lines, start=1):
         raw = raw.rstrip(b"\r")
-        if not raw.strip():
-            continue
         if b"\x00" in raw:
-            drops.add("binary_line")
+            drops.add("binary_line", where=f"{path}:{number}")
+            out.append((number, None))
             continue
         try:
-            line = raw.decode("utf-8")
+            out.append((number, raw.decode("utf-8")))
         except UnicodeDecodeError:
-            drops.add("invalid_utf8")
-            log.debug("%s:%d: invalid UTF-8", path, number)
+            drops.add("invalid_utf8", where=f"{path}:{number}")
+            out.append((number, None))
+    return out
+
+
+def read_tsv_pairs(path: str | Path, origin: str, drops: Drops) -> pd.DataFrame:
+    """Pairs from `source<TAB>target[<TAB>attribution...]` lines; bad lines are counted, not fatal."""
+    rows = []
+    for number, line in decoded_lines(path, drops):
+        if line is None or not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) < 2:
-            drops.add("missing_column")
+            drops.add("missing_column", where=f"{path}:{number}")
             continue
-        rows.append((f"{path.name}:{number}", fields[0], fields[1]))
-    frame = pd.DataFrame(rows, columns=["line", "src", "tgt"])
+        rows.append((fields[0], fields[1]))
+    return _frame(rows, origin)
+
+
+def read_text_pair(src_path: str | Path, tgt_path: str | Path, origin: str, drops: Drops) -> pd.DataFrame:
+    """Pairs from two aligned plain-text files, line by line. Files of different lengths cannot
+    be aligned, so they are an error rather than a guess."""
+    src, tgt = decoded_lines(src_path, drops), decoded_lines(tgt_path, drops)
+    if len(src) != len(tgt):
+        raise CorpusError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
+                          "aligned files need one sentence a line on both sides")
+    rows = [(s, t) for (_, s), (_, t) in zip(src, tgt)]
+    unreadable = sum(1 for s, t in rows if s is None or t is None)
+    drops.add("partner_line_unreadable", unreadable - sum(1 for s, t in rows if s is None and t is None))
+    return _frame([(s, t) for s, t in rows if s is not None and t is not None], origin)
+
+
+def read_table_pairs(source: TableSource, drops: Drops) -> pd.DataFrame:
+    """Pairs from a CSV, TSV or Parquet file with named columns."""
+    path = Path(source.path)
+    try:
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, sep="\t" if path.suffix in (".tsv", ".tab") else ",", dtype=str,
+                                keep_default_na=False, encoding="utf-8-sig",
+                                on_bad_lines=lambda fields: drops.add("malformed_row") and None, engine="python")
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: not found") from None
+    except (UnicodeDecodeError, ValueError, OSError, pd.errors.ParserError) as e:
+        raise CorpusError(f"{path}: cannot read as a table: {e}") from None
+    wanted = [c for c in (source.src_column, source.tgt_column, source.id_column) if c]
+    missing = [c for c in wanted if c not in table.columns]
+    if missing:
+        raise CorpusError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(map(str, table.columns))})")
+    frame = _frame(list(zip(table[source.src_column].astype(str), table[source.tgt_column].astype(str))),
+                   source.name)
+    if source.id_column:
+        frame["id"] = [f"{source.name}:{i}" for i in table[source.id_column].astype(str)]
+    return frame
+
+
+def _frame(rows: list[tuple[str, str]], origin: str) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=["src", "tgt"], dtype=object)
     frame.insert(0, "origin", origin)
     return frame
 
@@ -170,10 +228,15 @@ def read_source(source: Source, drops: Drops, notes: dict) -> pd.DataFrame:
         return read_sword_pairs(source, drops, notes)
     if isinstance(source, TsvSource):
         return read_tsv_pairs(source.path, source.name, drops)
+    if isinstance(source, TableSource):
+        return read_table_pairs(source, drops)
+    if isinstance(source, TextPairSource):
+        return read_text_pair(source.src_path, source.tgt_path, source.name, drops)
     if isinstance(source, FolderSource):
-        files = sorted(Path(source.path).glob("*.tsv"))
-        frames = [read_tsv_pairs(f, source.name, drops) for f in files]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["origin", "src", "tgt"])
+        if not Path(source.path).is_dir():
+            raise CorpusError(f"{source.path}: not a folder (ingest.sources: {source.name})")
+        frames = [read_tsv_pairs(f, source.name, drops) for f in sorted(Path(source.path).glob("*.tsv"))]
+        return pd.concat(frames, ignore_index=True) if frames else _frame([], source.name)
     raise TypeError(f"unknown source {source!r}")
 
 
@@ -188,11 +251,16 @@ def normalise(text: str) -> str:
     return " ".join(_CONTROL.sub(" ", text).split())
 
 
+MAX_CHARS_PER_WORD = 25  # a side longer than max_words * this is over-long even without spaces
+
+
 def clean_pairs(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: float) -> pd.DataFrame:
     """Apply each cleaning rule in turn, counting the pairs it drops."""
     frame = frame.copy()
-    frame["src"] = frame["src"].map(normalise)
-    frame["tgt"] = frame["tgt"].map(normalise)
+    for side in ("src", "tgt"):
+        cleaned = frame[side].map(normalise)
+        drops.add("repaired_unicode_or_whitespace", int((cleaned != frame[side]).sum()))
+        frame[side] = cleaned
 
     def drop(mask: pd.Series, reason: str) -> None:
         nonlocal frame
@@ -202,7 +270,9 @@ def clean_pairs(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: fl
     drop((frame["src"] == "") | (frame["tgt"] == ""), "empty_side")
     src_words = frame["src"].str.split().str.len()
     tgt_words = frame["tgt"].str.split().str.len()
-    drop((src_words > max_words) | (tgt_words > max_words), "too_long")
+    too_many_chars = (frame["src"].str.len() > max_words * MAX_CHARS_PER_WORD) | (
+        frame["tgt"].str.len() > max_words * MAX_CHARS_PER_WORD)
+    drop((src_words > max_words) | (tgt_words > max_words) | too_many_chars, "too_long")
     src_words, tgt_words = src_words[frame.index], tgt_words[frame.index]
     ratio = (src_words + 1) / (tgt_words + 1)
     drop((ratio > max_ratio) | (ratio < 1 / max_ratio), "length_ratio")
@@ -222,12 +292,16 @@ def ingest(sources: Iterable[Source], max_words: int, max_ratio: float) -> tuple
         frames.append(frame)
     raw = pd.concat(frames, ignore_index=True)
     pairs = clean_pairs(raw, drops, max_words, max_ratio)
+    if pairs.empty:
+        raise CorpusError(f"no pairs left to train on: read {read_per_source}, dropped {drops.as_dict()}")
     # Pairs without a natural id (not Bible verses) get a content hash of the cleaned text.
     missing = pairs["id"].isna() if "id" in pairs else pd.Series(True, index=pairs.index)
     pairs.loc[missing, "id"] = [
         f"{o}:{content_id(s, t)}" for o, s, t in pairs.loc[missing, ["origin", "src", "tgt"]].itertuples(index=False)
     ]
-    pairs = pairs.drop_duplicates("id")[COLUMNS].reset_index(drop=True)
+    duplicate_id = pairs["id"].duplicated()
+    drops.add("duplicate_id", int(duplicate_id.sum()))
+    pairs = pairs[~duplicate_id][COLUMNS].reset_index(drop=True)
     counts = drops.as_dict()
     report = {
         "read": read_per_source,
@@ -235,5 +309,6 @@ def ingest(sources: Iterable[Source], max_words: int, max_ratio: float) -> tuple
         "dropped": {k: v for k, v in counts.items() if not k.startswith("repaired_")},
         "repaired": {k.removeprefix("repaired_"): v for k, v in counts.items() if k.startswith("repaired_")},
         **notes,
+        "examples": drops.examples,
     }
     return pairs, report

@@ -79,7 +79,7 @@ def test_each_cleaning_rule_is_counted():
     assert kept["id"].tolist() == ["a", "g"]
     assert kept["src"].iloc[0] == "Hello there."
     assert drops.as_dict() == {"duplicate": 1, "empty_side": 1, "length_ratio": 1, "source_equals_target": 1,
-                               "too_long": 1}
+                               "too_long": 1, "repaired_unicode_or_whitespace": 1}
 
 
 @given(st.text())
