@@ -20,7 +20,7 @@ def length_cost(src_len: int, tgt_len: int, typical_log_ratio: float) -> float:
 
 
 def align_lengths(src: list[int], tgt: list[int], typical_log_ratio: float = 0.0, skip: float = 1.2,
-                  shift: float = 0.05, margin: float = 0.5, band: int = 3) -> list[tuple[int, int]]:
+                  shift: float = 0.05, margin: float = 0.5, band: int = 6) -> list[tuple[int, int]]:
     """Index pairs (i, j) pairing src[i] with tgt[j], monotonic, within `band` of the diagonal.
 
     Pairing off the diagonal (different verse numbers) costs `shift` more, and the result is kept
@@ -59,9 +59,15 @@ def align_lengths(src: list[int], tgt: list[int], typical_log_ratio: float = 0.0
     return pairs[::-1]
 
 
-def align_verses(src: dict[str, str], tgt: dict[str, str]) -> tuple[list[tuple[str, str]], list[str]]:
+# A chapter whose typical pair still has a length mismatch this large (about 2.5 times the
+# Bible's usual 0.085) is misaligned beyond what lengths can repair: better lost than learned.
+MAX_CHAPTER_COST = 0.2
+
+
+def align_verses(src: dict[str, str], tgt: dict[str, str]) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """Pairs of (source reference, target reference) over two Bibles' verse texts, aligned chapter
-    by chapter, and the chapters whose pairing differs from pairing by reference."""
+    by chapter; the chapters whose pairing differs from pairing by reference; and the chapters
+    left out because no pairing of them looks like a translation."""
     def chapters(verses: dict[str, str]) -> dict[str, list[str]]:
         grouped: dict[str, list[str]] = {}
         for ref in verses:
@@ -71,14 +77,18 @@ def align_verses(src: dict[str, str], tgt: dict[str, str]) -> tuple[list[tuple[s
     both = [r for r in src if r in tgt and src[r] and tgt[r]]
     typical = float(np.median([math.log(len(src[r]) / len(tgt[r])) for r in both])) if both else 0.0
     src_chapters, tgt_chapters = chapters(src), chapters(tgt)
-    pairs, realigned = [], []
+    pairs, realigned, misaligned = [], [], []
     for chapter, src_refs in src_chapters.items():
         tgt_refs = tgt_chapters.get(chapter)
         if not tgt_refs:
             continue
         found = align_lengths([len(src[r]) for r in src_refs], [len(tgt[r]) for r in tgt_refs], typical)
         chapter_pairs = [(src_refs[i], tgt_refs[j]) for i, j in found]
+        costs = [length_cost(len(src[s]), len(tgt[t]), typical) for s, t in chapter_pairs]
+        if costs and np.median(costs) > MAX_CHAPTER_COST:
+            misaligned.append(chapter)
+            continue
         if any(s != t for s, t in chapter_pairs):
             realigned.append(chapter)
         pairs.extend(chapter_pairs)
-    return pairs, realigned
+    return pairs, realigned, misaligned

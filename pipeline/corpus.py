@@ -117,12 +117,16 @@ def read_sword_pairs(source: SwordSource, drops: Drops, notes: dict) -> pd.DataF
            read_sword_module(source.library, source.src_module, source.books).items()}
     tgt = {ref: osis_to_text(markup, drops) for ref, markup in
            read_sword_module(source.library, source.tgt_module, source.books).items()}
-    pairs, realigned = align_verses(src, tgt)
-    paired_src, paired_tgt = {s for s, _ in pairs}, {t for _, t in pairs}
+    pairs, realigned, misaligned = align_verses(src, tgt)
+    src_left_out = {r for r in src if r.rsplit(".", 1)[0] in misaligned}
+    tgt_left_out = {r for r in tgt if r.rsplit(".", 1)[0] in misaligned}
+    drops.add("misaligned_chapter", sum(1 for r in src_left_out if src[r]))
+    paired_src, paired_tgt = {s for s, _ in pairs} | src_left_out, {t for _, t in pairs} | tgt_left_out
     drops.add("no_counterpart_in_target", sum(1 for r, text in src.items() if text and r not in paired_src))
     drops.add("no_counterpart_in_source", sum(1 for r, text in tgt.items() if text and r not in paired_tgt))
     drops.add("repaired_verses_realigned", sum(1 for s, t in pairs if s != t))
     notes.setdefault("realigned_chapters", []).extend(realigned)
+    notes.setdefault("misaligned_chapters_left_out", []).extend(misaligned)
     frame = pd.DataFrame([(s, src[s], tgt[t]) for s, t in pairs], columns=["id", "src", "tgt"])
     frame.insert(1, "origin", source.name)
     return frame

@@ -23,6 +23,14 @@ def test_align_verses_reports_realigned_chapters():
     src.update({f"Num.14.{v}": "y" * n for v, n in enumerate(LENGTHS, start=1)})
     tgt = {f"Num.13.{v}": "x" * n for v, n in enumerate([80] + LENGTHS[:-1], start=1)}
     tgt.update({f"Num.14.{v}": "y" * n for v, n in enumerate(LENGTHS, start=1)})
-    pairs, realigned = align_verses(src, tgt)
-    assert realigned == ["Num.13"]
+    pairs, realigned, misaligned = align_verses(src, tgt)
+    assert realigned == ["Num.13"] and misaligned == []
     assert ("Num.13.1", "Num.13.2") in pairs and ("Num.14.1", "Num.14.1") in pairs
+
+
+def test_chapter_beyond_repair_is_left_out():
+    src = {f"Ps.{c}.{v}": "x" * n for c in (1, 2, 3) for v, n in enumerate(LENGTHS, start=1)}
+    tgt = dict(src)
+    tgt.update({f"Ps.2.{v}": "x" * n for v, n in enumerate([300, 20, 250, 15, 280, 25, 260, 10, 240, 30], start=1)})
+    pairs, _, misaligned = align_verses(src, tgt)
+    assert misaligned == ["Ps.2"] and not any(s.startswith("Ps.2.") for s, _ in pairs)
