@@ -34,6 +34,11 @@ def ingest(params: Params) -> dict:
     storage.write_parquet(storage.RAW_PAIRS, pairs)
     storage.write_json(storage.REPORTS / "ingest.json", report)
     show_counts(f"ingest: kept {report['kept']:,} pairs; dropped", report["dropped"])
+    if report["repaired"]:
+        show_counts("repaired (kept)", report["repaired"])
+    for key in ("realigned_chapters", "misaligned_chapters_left_out"):
+        if report.get(key):
+            log.info("%s: %s", key.replace("_", " "), ", ".join(report[key]))
     return report
 
 

@@ -89,3 +89,19 @@ def test_normalise_is_idempotent_nfc_and_control_free(text):
     assert unicodedata.is_normalized("NFC", once)
     assert not any(unicodedata.category(c) == "Cc" for c in once)
     assert once == once.strip() and "  " not in once
+
+
+sides = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60)
+
+
+@given(st.lists(st.tuples(sides, sides), max_size=40))
+def test_cleaning_loses_no_row_without_counting_it(rows):
+    frame = pd.DataFrame(rows, columns=["src", "tgt"], dtype=object)
+    frame.insert(0, "id", [str(i) for i in range(len(rows))])
+    drops = Drops()
+    kept = clean_pairs(frame, drops, max_words=8, max_ratio=2.0)
+    dropped = sum(n for reason, n in drops.counts.items() if not reason.startswith("repaired_"))
+    assert len(kept) + dropped == len(rows)
+    assert set(kept["id"]) <= set(frame["id"])
+    assert all(kept["src"].str.len() > 0) and all(kept["tgt"].str.len() > 0)
+    assert not kept.duplicated(["src", "tgt"]).any()
