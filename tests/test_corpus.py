@@ -105,3 +105,11 @@ def test_cleaning_loses_no_row_without_counting_it(rows):
     assert set(kept["id"]) <= set(frame["id"])
     assert all(kept["src"].str.len() > 0) and all(kept["tgt"].str.len() > 0)
     assert not kept.duplicated(["src", "tgt"]).any()
+
+
+def test_reads_modules_from_a_zip(tmp_path):
+    import shutil
+
+    archive = shutil.make_archive(str(tmp_path / "modules"), "zip", "/usr/share/sword")
+    verses = read_sword_module(archive, "spaRV1909eb", ["Ruth"])
+    assert len(verses) == 85 and "Noemi" in osis_to_text(verses["Ruth.1.2"])
