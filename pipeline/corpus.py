@@ -57,8 +57,10 @@ _DROP_ELEMENTS = re.compile(
 # Everything after a chapter's or book's closing marker is not verse text (the WEB appends its
 # whole glossary to Rev.22.21 that way).
 _TRAILING = re.compile(r"<chapter\b[^>]*\beID=|<div\b[^>]*type=\"(glossary|book)\"", re.S)
-# Block-level markers separate words; inline tags (<w>, <transChange>, <q>) do not.
-_BLOCK_TAGS = re.compile(r"</?(div|l|lg|lb|p|item|list|milestone|chapter|title|speaker|seg)\b[^>]*>")
+# Block-level markers separate words, and so does <transChange> (words a translator added, which
+# the RV1909 module writes flush against the words around them: "que</w><transChange>estaba").
+# Other inline tags (<w>, <q>) do not.
+_BLOCK_TAGS = re.compile(r"</?(div|l|lg|lb|p|item|list|milestone|chapter|title|speaker|seg|transChange)\b[^>]*>")
 _ANY_TAG = re.compile(r"<[^>]*>")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)\]»])")
 

@@ -15,6 +15,11 @@ def test_removed_notes_do_not_glue_words():
     assert osis_to_text(markup) == "God created the heavens."
 
 
+def test_translator_added_words_stay_separate():
+    markup = '<w lemma="strong:H0834">que</w><transChange type="added">estaba</transChange><w>en</w> ella'
+    assert osis_to_text(markup) == "que estaba en ella"
+
+
 def test_canonical_titles_kept_and_headings_dropped():
     markup = ('<title canonical="true" type="psalm">A Psalm by David.</title> <title type="section">Trust</title>'
               '<l level="1"/>Yahweh, how<l eID="x"/>many!')
