@@ -13,8 +13,6 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
-
 import pandas as pd
 
 from pipeline.align import align_verses
@@ -229,6 +227,15 @@ def _frame(rows: list[tuple[str, str]], origin: str) -> pd.DataFrame:
     return frame
 
 
+def describe(source: Source) -> str:
+    """Where a source reads from, for messages."""
+    if isinstance(source, SwordSource):
+        return f"{source.src_module} and {source.tgt_module} in {source.library}"
+    if isinstance(source, TextPairSource):
+        return f"{source.src_path} and {source.tgt_path}"
+    return source.path
+
+
 def read_source(source: Source, drops: Drops, notes: dict) -> pd.DataFrame:
     if isinstance(source, SwordSource):
         return read_sword_pairs(source, drops, notes)
@@ -287,7 +294,7 @@ def clean_pairs(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: fl
     return frame.reset_index(drop=True)
 
 
-def ingest(sources: Iterable[Source], max_words: int, max_ratio: float) -> tuple[pd.DataFrame, dict]:
+def ingest(sources: list[Source], max_words: int, max_ratio: float) -> tuple[pd.DataFrame, dict]:
     """Read, clean and combine all sources; returns the pairs and a report of counts by reason."""
     drops, notes = Drops(), {}
     frames, read_per_source = [], {}
@@ -299,7 +306,9 @@ def ingest(sources: Iterable[Source], max_words: int, max_ratio: float) -> tuple
     raw = pd.concat(frames, ignore_index=True)
     pairs = clean_pairs(raw, drops, max_words, max_ratio)
     if pairs.empty:
-        raise CorpusError(f"no pairs left to train on: read {read_per_source}, dropped {drops.as_dict()}")
+        where = "; ".join(f"{s.kind} source {s.name!r} ({describe(s)}): {read_per_source[s.name]} read"
+                          for s in sources)
+        raise CorpusError(f"no pairs left to train on. {where}. Dropped: {drops.as_dict() or 'none'}")
     # Pairs without a natural id (not Bible verses) get a content hash of the cleaned text.
     missing = pairs["id"].isna() if "id" in pairs else pd.Series(True, index=pairs.index)
     pairs.loc[missing, "id"] = [

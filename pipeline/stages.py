@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def show_counts(title: str, counts: dict[str, int]) -> None:
-    table = Table(title=title)
+    log.info(title)
+    table = Table()
     table.add_column("reason")
     table.add_column("pairs", justify="right")
     for reason, n in counts.items():
@@ -33,9 +34,11 @@ def ingest(params: Params) -> dict:
     pairs, report = read_and_clean(cfg.sources, cfg.max_words, cfg.max_length_ratio)
     storage.write_parquet(storage.RAW_PAIRS, pairs)
     storage.write_json(storage.REPORTS / "ingest.json", report)
-    show_counts(f"ingest: kept {report['kept']:,} pairs; dropped", report["dropped"])
+    show_counts(f"kept {report['kept']:,} pairs; dropped by reason:", report["dropped"])
     if report["repaired"]:
-        show_counts("repaired (kept)", report["repaired"])
+        show_counts("repaired and kept, by reason:", report["repaired"])
+    for reason, places in report["examples"].items():
+        log.warning("%s, e.g. at %s", reason.replace("_", " "), ", ".join(places))
     for key in ("realigned_chapters", "misaligned_chapters_left_out"):
         if report.get(key):
             log.info("%s: %s", key.replace("_", " "), ", ".join(report[key]))
