@@ -83,7 +83,11 @@ def translate(
     beam: Optional[int] = typer.Option(None, help="beam size (default: the model's)"),
 ) -> None:
     """Translate English to Spanish with the registered champion (or any model)."""
+    import warnings
+
     logging.basicConfig(level=logging.WARNING)
+    # MLflow nags about type hints on every load; the model's signature is logged explicitly.
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     lines = list(text) if text else [line.rstrip("\n") for line in sys.stdin]
     if not lines:
         raise typer.Exit(0)
