@@ -69,11 +69,18 @@ def make_project(root: Path, params: dict | None = None) -> Path:
     return root
 
 
+def use_store(monkeypatch, uri: str) -> str:
+    """Point this process (MLflow keeps a global URI once set) and the stages it starts at a store."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+    return use_store(monkeypatch, f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 @pytest.fixture
@@ -114,7 +121,7 @@ def trained_copy(trained_project, tmp_path, monkeypatch) -> Path:
     """A private copy of the trained project (its MLflow store included), as the working directory."""
     root = tmp_path / "project"
     shutil.copytree(trained_project, root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    use_store(monkeypatch, f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.chdir(root)
     return root
 
