@@ -1,7 +1,5 @@
 import numpy as np
-import torch
 
-from pipeline.data import pad
 from pipeline.decode import Translator, beam_search, greedy_search, replace_unknowns
 from pipeline.text import Tokenizer, Vocab
 from tests.test_model import make_model, source_batch

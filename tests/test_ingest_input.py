@@ -1,7 +1,6 @@
 """Every kind of source, and bad input: each file gives a clean ingest with its bad rows counted
 by reason, or a clear error naming the file, never a traceback or a silently lost good row."""
 import json
-import os
 
 import pandas as pd
 import pytest
