@@ -53,8 +53,8 @@ def reproduce(stage: str, project: str) -> str:
         if line.strip():
             logger.info(line.rstrip())
     if result.returncode != 0:
-        bad_input = f"vamos {stage}: error:" in output or "params.yaml" in output and "invalid" in output
-        raise StageFailed(stage, output, transient=not bad_input)
+        # `vamos <stage>` reports bad params and bad input this way; anything else may be transient.
+        raise StageFailed(stage, output, transient=f"vamos {stage}: error:" not in output)
     return "skipped" if "didn't change, skipping" in output else "ran"
 
 

@@ -114,14 +114,12 @@ def train(params: Params) -> dict:
 
 
 def evaluate(params: Params) -> dict:
-    import torch
-
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.model import load_translator
     from pipeline.tracking import mlflow_setup
+    from pipeline.train import pick_device
 
-    device = "cuda" if torch.cuda.is_available() and params.train.device != "cpu" else "cpu"
-    translator = load_translator(storage.MODEL_FILE, device)
+    translator = load_translator(storage.MODEL_FILE, pick_device(params.train.device))
     metrics = run_evaluation(translator, pd.read_parquet(split_path("test")), params.evaluate, storage.REPORTS)
     storage.write_json(storage.REPORTS / "metrics.json", {"test": metrics})
     run = storage.read_json(storage.RUN_FILE)
