@@ -100,7 +100,7 @@ class EmbedParams(Strict):
     sample: float = Field(1e-4, ge=0)
     min_count: int = Field(2, ge=1)
     epochs: int = Field(10, ge=1)
-    workers: int = Field(2, ge=1)
+    workers: int = Field(1, ge=1)  # more is faster but not reproducible
 
 
 class TrainParams(Strict):

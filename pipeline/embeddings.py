@@ -2,6 +2,7 @@
 matrices that initialise the seq2seq embedding layers."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -21,12 +22,20 @@ PROBES = {
 }
 
 
+def stable_hash(text: str) -> int:
+    """gensim's `hashfxn`: Python's `hash` is salted per process (PYTHONHASHSEED), this is not.
+    Module-level, so that a saved model can pickle it."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
 def train_word2vec(sentences: list[list[str]], cfg: EmbedParams, seed: int):
+    """Deterministic with one worker (the default): seeded weights, a stable hash. Several workers
+    update the shared weights in a thread-timing-dependent order."""
     from gensim.models import Word2Vec
 
     return Word2Vec(sentences=sentences, sg=cfg.sg, vector_size=cfg.vector_size, window=cfg.window,
                     negative=cfg.negative, sample=cfg.sample, min_count=cfg.min_count, epochs=cfg.epochs,
-                    workers=cfg.workers, seed=seed)
+                    workers=cfg.workers, seed=seed, hashfxn=stable_hash)
 
 
 def save_vectors(path: Path, vectors) -> None:
