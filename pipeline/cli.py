@@ -77,6 +77,26 @@ def check(params: Path = PARAMS) -> None:
 
 
 @app.command()
+def restore(
+    version: int = typer.Argument(..., help="the registered version of the model to restore"),
+    into: Path = typer.Option(..., "--into", help="an empty folder for the restored checkout (a git worktree)"),
+    params: Path = PARAMS,
+) -> None:
+    """Restore a registered version: its commit, its dvc.lock, and its data and model from the DVC remote."""
+    from pipeline.config import ParamsError, load_params
+    from pipeline.restore import RestoreError, restore as restore_version
+
+    _setup_logging()
+    try:
+        result = restore_version(load_params(params), version, into)
+    except (ParamsError, RestoreError) as e:
+        _stderr_console().print(f"[bold red]vamos restore: error:[/] {e}")
+        raise typer.Exit(2) from None
+    typer.echo(f"restored version {result['version']} (commit {result['git_commit'][:10]}) into {result['path']}; "
+               f"model md5 {result['model_md5']} matches the registry")
+
+
+@app.command()
 def translate(
     text: Optional[list[str]] = typer.Argument(None, help="sentences to translate; none: read lines from stdin"),
     model: str = typer.Option("models:/vamos-en-es@champion", help="an MLflow model URI, or a model.pt file"),

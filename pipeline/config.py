@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = Path("params.yaml")
+METRICS = ("bleu", "chrf", "ter")  # what evaluate and register score, all with sacrebleu
 
 
 class ParamsError(ValueError):
@@ -143,7 +144,35 @@ class EvaluateParams(Strict):
 class RegisterParams(Strict):
     model_name: str = "vamos-en-es"
     experiment: str = "vamos"
-    metric: str = "bleu"
+    metric: str = "bleu"  # what promotion compares; must be a key of `directions`
+    # Which way each metric improves; promotion flips the comparison for lower-is-better ones.
+    directions: dict[str, Literal["higher", "lower"]] = Field(
+        default_factory=lambda: {"bleu": "higher", "chrf": "higher", "ter": "lower"})
+    # On a few hundred test sentences a difference under about one BLEU point can be noise, so
+    # the champion moves only for a gain of at least `min_gain` that the paired bootstrap test
+    # finds significant at `max_p`.
+    min_gain: float = Field(1.0, ge=0)
+    max_p: float = Field(0.05, gt=0, le=1)
+    bootstrap_samples: int = Field(1000, ge=100)
+    min_score: float = 10.0  # a first model that does not reach this gets no alias
+
+    @model_validator(mode="after")
+    def _metric_has_a_direction(self) -> "RegisterParams":
+        unknown = set(self.directions) - set(METRICS)
+        if unknown:
+            raise ValueError(f"directions: unknown metric(s) {sorted(unknown)}; known: {list(METRICS)}")
+        if self.metric not in self.directions:
+            raise ValueError(f"metric {self.metric!r} is not one of {sorted(self.directions)}")
+        return self
+
+
+class ServeParams(Strict):
+    """Limits on one request, enforced by the logged model (pyfunc, REST) and `vamos translate`.
+    A line longer than max_sentence_tokens is split into sentences first; a sentence still longer
+    is rejected with an error naming the limit (never silently cut or translated in pieces)."""
+
+    max_sentences: int = Field(64, ge=1)  # sentences decoded per request, after splitting
+    max_sentence_tokens: int = Field(128, ge=1)  # Moses tokens; training kept sides of <= 80 words
 
 
 class Params(Strict):
@@ -155,6 +184,7 @@ class Params(Strict):
     evaluate: EvaluateParams = EvaluateParams()
     # "register" would shadow a pydantic method, so the field has another name.
     registry: RegisterParams = Field(RegisterParams(), alias="register")
+    serve: ServeParams = ServeParams()
 
     @model_validator(mode="after")
     def _split_leaves_training_data(self) -> "Params":

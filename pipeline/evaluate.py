@@ -56,17 +56,27 @@ def plot_attention(source: list[str], output: list[str], attention: np.ndarray, 
     storage.save_figure(path, fig)
 
 
+def translate_split(translator: Translator, frame: pd.DataFrame, cfg: EvaluateParams,
+                    beam_size: int | None = None) -> list[tuple[list[str], np.ndarray]]:
+    """(output tokens, attention) for each row of a prepared split, decoded with the evaluate
+    settings: the one decoding that test scores and the registry's comparisons share."""
+    sources = [s.split() for s in frame["src_tokens"]]
+    return translator.translate_tokens(
+        sources, beam_size=beam_size or cfg.beam_size, alpha=cfg.length_penalty, max_len_ratio=cfg.max_len_ratio,
+        batch_size=cfg.batch_size, originals=[translator.src_tok.tokenize_cased(s) for s in frame["src"]])
+
+
+def detokenize_all(translator: Translator, outputs: list[tuple[list[str], np.ndarray]]) -> list[str]:
+    return [translator.tgt_tok.detokenize(words) for words, _ in outputs]
+
+
 def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, reports: Path) -> dict:
     sources = [s.split() for s in test["src_tokens"]]
     references = test["tgt"].tolist()
-    search = {"alpha": cfg.length_penalty, "max_len_ratio": cfg.max_len_ratio, "batch_size": cfg.batch_size,
-              "originals": [translator.src_tok.tokenize_cased(s) for s in test["src"]]}
     log.info("decoding %d test sentences (greedy, then beam %d)", len(sources), cfg.beam_size)
-    greedy = translator.translate_tokens(sources, beam_size=1, **search)
-    beam = translator.translate_tokens(sources, beam_size=cfg.beam_size, **search)
-    detok = translator.tgt_tok.detokenize
-    greedy_text = [detok(w) for w, _ in greedy]
-    beam_text = [detok(w) for w, _ in beam]
+    greedy_text = detokenize_all(translator, translate_split(translator, test, cfg, beam_size=1))
+    beam = translate_split(translator, test, cfg)
+    beam_text = detokenize_all(translator, beam)
     metrics = {**score(beam_text, references), "greedy": score(greedy_text, references),
                "beam_size": cfg.beam_size, "sentences": len(references)}
 

@@ -1,68 +1,268 @@
-"""Log the trained model to MLflow as a pyfunc translator, register it, and move the aliases:
-`champion` only to a version that beats the current champion on test BLEU, else `challenger`."""
+"""Register the trained model in MLflow and decide its alias by a fair comparison.
+
+The new model and the current champion (whichever version holds the alias now, also when a
+person moved it by hand) are decoded alike, with today's decoder and the evaluate settings, on
+today's test split. `champion` moves only for a gain of at least `register.min_gain` that a paired
+bootstrap test finds significant at `register.max_p`; otherwise the new version is `challenger`.
+No stored score is ever compared: a stored score may come from another test set or decoder.
+
+Registering is idempotent: a version is keyed by the md5 of its model file, so a retry reuses it,
+and a repeat with the same champion, test set and settings returns the recorded decision."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pipeline
+import numpy as np
+import pandas as pd
+
+from pipeline import storage
 from pipeline.config import Params
-from pipeline.tracking import mlflow_setup
+from pipeline.tracking import dvc_hashes, git_commit, mlflow_setup
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-EXAMPLE = ["Let's go.", "In the beginning God created the heavens and the earth."]
+LOCK_ARTIFACT = "restore/dvc.lock"  # the run's dvc.lock: which data, embeddings and model to pull
 
 
-def champion_score(client, name: str, metric: str) -> float | None:
+def file_md5(path: str | Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def test_set_sha256(frame: pd.DataFrame) -> str:
+    """What the comparison was made on: the ids and texts of the test split, in order."""
+    rows = frame[["id", "src", "tgt"]].astype(str).agg("\t".join, axis=1)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def sacrebleu_metric(name: str):
+    import sacrebleu.metrics as metrics
+
+    return {"bleu": metrics.BLEU, "chrf": metrics.CHRF, "ter": metrics.TER}[name]()
+
+
+def paired_bootstrap(metric_name: str, new: list[str], old: list[str], references: list[str], samples: int,
+                     seed: int) -> dict:
+    """Both systems' scores, the delta (new - old) with its 95% interval, and the p-value of
+    sacrebleu's paired bootstrap test (Koehn 2004), from one set of resamples of the sentences.
+
+    The p-value counts resampled differences (centred on zero: the null hypothesis) at least as
+    large as the observed one; sacrebleu counts strictly larger ones, which gives two identical
+    systems p = 1/(samples + 1), "significant"."""
+    metric = sacrebleu_metric(metric_name)
+    stats = [np.array(metric._extract_corpus_statistics(h, [references]), dtype=np.float64) for h in (new, old)]
+    new_score, old_score = (metric._compute_score_from_stats(s.sum(0)).score for s in stats)
+    resamples = np.random.default_rng(seed).choice(len(references), size=(samples, len(references)))
+    new_samples, old_samples = (np.array([metric._compute_score_from_stats(s[i].sum(0)).score for i in resamples])
+                                for s in stats)
+    deltas = new_samples - old_samples
+    spread = np.abs(deltas)
+    p_value = (np.sum(spread - spread.mean() >= abs(new_score - old_score)) + 1) / (samples + 1)
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return {"new": round(new_score, 2), "champion": round(old_score, 2), "delta": round(new_score - old_score, 2),
+            "delta_95ci": [round(float(low), 2), round(float(high), 2)], "p_value": round(float(p_value), 4)}
+
+
+@dataclass
+class Decision:
+    alias: str | None
+    reason: str
+
+
+def decide(params: Params, score: float, comparison: dict | None) -> Decision:
+    """The alias for the new model, from its score and its comparison with the champion."""
+    cfg = params.registry
+    sign = 1.0 if cfg.directions[cfg.metric] == "higher" else -1.0
+    if comparison is None:
+        if sign * (score - cfg.min_score) >= 0:
+            return Decision(CHAMPION, f"first model; {cfg.metric} {score:.2f} reaches min_score {cfg.min_score}")
+        return Decision(None, f"first model; {cfg.metric} {score:.2f} misses min_score {cfg.min_score}: no alias")
+    gain = sign * comparison["delta"]
+    if gain < cfg.min_gain:
+        return Decision(CHALLENGER, f"gain {gain:+.2f} {cfg.metric} is under min_gain {cfg.min_gain}")
+    if comparison["p_value"] > cfg.max_p:
+        return Decision(CHALLENGER, f"gain {gain:+.2f} is not significant (p {comparison['p_value']} > {cfg.max_p})")
+    return Decision(CHAMPION, f"gain {gain:+.2f} {cfg.metric} >= {cfg.min_gain}, p {comparison['p_value']} <= {cfg.max_p}")
+
+
+def model_checkpoint(model_uri: str, dst: Path) -> Path:
+    """The checkpoint file inside a logged translator model (its pyfunc artifact)."""
+    import mlflow
+    from mlflow.models import Model
+
+    from pipeline.serving import CHECKPOINT
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    artifacts = Model.load(str(local)).flavors["python_function"]["artifacts"]
+    return local / artifacts[CHECKPOINT]["path"]
+
+
+def test_translations(params: Params, checkpoint: Path, test: pd.DataFrame) -> list[str]:
+    from pipeline.evaluate import detokenize_all, translate_split
+    from pipeline.model import load_translator
+    from pipeline.train import pick_device
+
+    translator = load_translator(checkpoint, pick_device(params.train.device))
+    return detokenize_all(translator, translate_split(translator, test, params.evaluate))
+
+
+def version_with_md5(client, name: str, md5: str):
+    versions = client.search_model_versions(f"name='{name}'")
+    return next((v for v in versions if v.tags.get("model_md5") == md5), None)
+
+
+def alias_holder(client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such model or alias yet
         return None
-    return client.get_run(version.run_id).data.metrics.get(f"test_{metric}")
 
 
-def register(params: Params, model_file: Path, run_id: str, metrics: dict) -> dict:
-    """Returns {'version', 'alias', 'score', 'previous_champion_score'}."""
+def decode_settings(params: Params) -> str:
+    cfg = params.evaluate
+    return json.dumps({"beam_size": cfg.beam_size, "length_penalty": cfg.length_penalty,
+                       "max_len_ratio": cfg.max_len_ratio})
+
+
+def decision_key(params: Params, champion_version: str | None, test_sha: str) -> str:
+    """Everything a decision depends on besides the two models: repeat it and nothing changes."""
+    rules = params.registry.model_dump(include={"metric", "directions", "min_gain", "max_p", "min_score",
+                                                "bootstrap_samples"})
+    return hashlib.sha1(json.dumps([champion_version, test_sha, decode_settings(params), rules],
+                                   sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dvc_remote_url() -> str:
+    try:
+        from dvc.config import Config
+
+        config = Config(dvc_dir=".dvc")
+        return config["remote"].get(config["core"].get("remote", ""), {}).get("url", "")
+    except Exception:  # no DVC project here (tests, a bare checkout): nothing to name
+        return ""
+
+
+def version_tags(params: Params, md5: str, record: dict, model_file: Path) -> dict[str, str]:
+    """What restores this version anywhere: the commit, dvc.lock's md5s and the remote."""
+    hashes = dvc_hashes()
+    return {
+        "model_md5": md5, "git_commit": git_commit(), "dvc.remote_url": dvc_remote_url(),
+        "dvc.prepared_md5": hashes.get(str(storage.PREPARED), "unknown"),
+        "dvc.embeddings_md5": hashes.get(str(storage.EMBEDDINGS), "unknown"),
+        "dvc.seq2seq_md5": hashes.get(str(model_file.parent), "unknown"),
+        "test_sha256": record["test_sha256"], "test_sentences": str(record["test_sentences"]),
+        f"test_{params.registry.metric}": str(record["score"]),
+    }
+
+
+def describe(record: dict) -> str:
+    """The version's description in the registry: the comparison as a table a person reads."""
+    c = record.get("comparison")
+    rows = [("decision", f"{record['alias'] or 'no alias'}: {record['reason']}"),
+            (f"test {record['metric']}", record["score"]),
+            ("test set", f"{record['test_sentences']} sentences, sha256 {record['test_sha256'][:12]}")]
+    if c:
+        rows += [("champion compared", f"v{record['compared_with']}: {c['champion']}"),
+                 ("delta (95% CI)", f"{c['delta']:+.2f} [{c['delta_95ci'][0]:+.2f}, {c['delta_95ci'][1]:+.2f}]"),
+                 ("paired bootstrap p", c["p_value"])]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def apply_alias(client, name: str, version: str, alias: str | None) -> None:
+    if alias is None:
+        return
+    client.set_registered_model_alias(name, alias, version)
+    other = CHALLENGER if alias == CHAMPION else CHAMPION
+    holder = alias_holder(client, name, other)
+    if alias == CHAMPION and holder is not None and str(holder.version) == str(version):
+        client.delete_registered_model_alias(name, CHALLENGER)  # a version holds one of the two
+
+
+def log_and_register(params: Params, model_file: Path, run_id: str, md5: str):
+    import mlflow
+
+    from pipeline.serving import log_translator
+
+    with mlflow.start_run(run_id=run_id):
+        info = log_translator(model_file, params)
+        if Path("dvc.lock").exists():
+            mlflow.log_artifact("dvc.lock", str(Path(LOCK_ARTIFACT).parent))
+    # The md5 tag is set with the version, so a retry after any later failure finds this version.
+    return mlflow.register_model(info.model_uri, params.registry.model_name, tags={"model_md5": md5})
+
+
+def compare_with_champion(params: Params, model_file: Path, champion, test: pd.DataFrame) -> tuple[float, dict | None]:
+    """The new model's test score and, when there is a champion, the paired comparison."""
+    cfg = params.registry
+    references = test["tgt"].tolist()
+    new = test_translations(params, model_file, test)
+    if champion is None:
+        return round(sacrebleu_metric(cfg.metric).corpus_score(new, [references]).score, 2), None
+    with tempfile.TemporaryDirectory() as tmp:
+        champion_file = model_checkpoint(f"models:/{cfg.model_name}/{champion.version}", Path(tmp))
+        old = test_translations(params, champion_file, test)
+    comparison = paired_bootstrap(cfg.metric, new, old, references, cfg.bootstrap_samples, params.seed)
+    return comparison["new"], comparison
+
+
+def register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame) -> dict:
+    """Register the model (or find it registered), compare it with the champion, set its alias.
+    Returns the record that also goes to the version's description, its run and registry.json."""
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
-
-    from pipeline.serving import CHECKPOINT, TranslatorModel
 
     cfg = params.registry
-    mlflow = mlflow_setup(cfg.experiment)
+    mlflow_setup(cfg.experiment)
     client = MlflowClient()
-    search = params.evaluate
-    python_model = TranslatorModel(search.beam_size, search.length_penalty, search.max_len_ratio)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="translator",
-            python_model=python_model,
-            artifacts={CHECKPOINT: str(model_file)},
-            code_paths=[str(Path(pipeline.__file__).parent)],
-            signature=infer_signature(EXAMPLE, ["¡Vamos!", "En el principio creó Dios los cielos y la tierra."],
-                                      params={"beam_size": search.beam_size}),
-            input_example=EXAMPLE,
-            pip_requirements=_requirements(),
-        )
-    previous = champion_score(client, cfg.model_name, cfg.metric)
-    version = mlflow.register_model(info.model_uri, cfg.model_name).version
-    score = metrics[cfg.metric]
-    alias = CHAMPION if previous is None or score > previous else CHALLENGER
-    client.set_registered_model_alias(cfg.model_name, alias, version)
-    client.set_model_version_tag(cfg.model_name, version, f"test_{cfg.metric}", str(score))
-    log.info("registered %s version %s (test %s %.2f) as %s; previous champion: %s", cfg.model_name, version,
-             cfg.metric, score, alias, "none" if previous is None else f"{previous:.2f}")
-    return {"model": cfg.model_name, "version": int(version), "alias": alias, "score": score,
-            "previous_champion_score": previous, "run_id": run_id}
+    md5, test_sha = file_md5(model_file), test_set_sha256(test)
+    existing = version_with_md5(client, cfg.model_name, md5)
+    champion = alias_holder(client, cfg.model_name, CHAMPION)
+    if existing is not None and champion is not None and str(champion.version) == str(existing.version):
+        record = json.loads(existing.tags.get("promotion", "{}")) or {"score": None}
+        log.info("%s version %s is already the champion", cfg.model_name, existing.version)
+        return {**record, "version": int(existing.version), "alias": CHAMPION, "reason": "already the champion"}
+    key = decision_key(params, champion.version if champion else None, test_sha)
+    if existing is not None and existing.tags.get("decision_key") == key:
+        record = json.loads(existing.tags["promotion"])
+        apply_alias(client, cfg.model_name, existing.version, record["alias"])  # a retry may have failed here
+        log.info("%s version %s: decision unchanged (%s)", cfg.model_name, existing.version, record["reason"])
+        return record
+
+    log.info("scoring the new model%s on %d test sentences", " and the champion" if champion else "", len(test))
+    score, comparison = compare_with_champion(params, model_file, champion, test)
+    decision = decide(params, score, comparison)
+    version = existing or log_and_register(params, model_file, run_id, md5)
+    record = {"model": cfg.model_name, "version": int(version.version), "alias": decision.alias,
+              "reason": decision.reason, "metric": cfg.metric, "score": score,
+              "compared_with": int(champion.version) if champion else None, "comparison": comparison,
+              "test_sha256": test_sha, "test_sentences": len(test), "decode": json.loads(decode_settings(params)),
+              "run_id": version.run_id, "model_md5": md5}
+    for tag, value in {**version_tags(params, md5, record, model_file), "decision_key": key,
+                       "promotion": json.dumps(record)}.items():
+        client.set_model_version_tag(cfg.model_name, version.version, tag, value)
+    client.update_model_version(cfg.model_name, version.version, description=describe(record))
+    log_to_run(client, version.run_id, record)
+    apply_alias(client, cfg.model_name, version.version, decision.alias)
+    log.info("%s version %s -> %s (%s)", cfg.model_name, version.version, decision.alias or "no alias", decision.reason)
+    return record
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    # Lower bounds, not pins: a serving machine with a GPU keeps its own torch build.
-    packages = ("torch", "mlflow", "sacremoses", "numpy", "pandas", "pyyaml", "pydantic")
-    return [f"{pkg}>={version(pkg).split('+')[0]}" for pkg in packages]
+def log_to_run(client, run_id: str, record: dict) -> None:
+    client.log_dict(run_id, record, f"registry/version-{record['version']}.json")
+    client.set_tag(run_id, "registry.decision", f"v{record['version']}: {record['alias'] or 'no alias'}")
+    metrics = {f"registry_{record['metric']}": record["score"]}
+    if record["comparison"]:
+        metrics.update(registry_champion_score=record["comparison"]["champion"],
+                       registry_delta=record["comparison"]["delta"], registry_p_value=record["comparison"]["p_value"])
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)

@@ -139,8 +139,7 @@ def register(params: Params) -> dict:
     from pipeline.registry import register as register_model
 
     run = storage.read_json(storage.RUN_FILE)
-    metrics = storage.read_json(storage.REPORTS / "metrics.json")["test"]
-    result = register_model(params, storage.MODEL_FILE, run["run_id"], metrics)
+    result = register_model(params, storage.MODEL_FILE, run["run_id"], pd.read_parquet(split_path("test")))
     storage.write_json(storage.REPORTS / "registry.json", result)
     return result
 

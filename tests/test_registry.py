@@ -1,27 +1,134 @@
+"""Registration and promotion against a real MLflow store: fair comparison on the current test
+split, a margin and a significance test, idempotent retries, hand-moved aliases respected."""
+import json
+
 import mlflow
+import pandas as pd
+import pytest
+import torch
 from mlflow import MlflowClient
 
-from pipeline.config import load_params
-from pipeline.registry import register
+from pipeline.config import ParamsError, Params, load_params
+from pipeline.registry import CHALLENGER, CHAMPION, decide, file_md5, paired_bootstrap, register
 from pipeline.storage import MODEL_FILE, read_json
 from tests.conftest import ADJECTIVES, NOUNS, VERBS
 
+NAME = "vamos-en-es"
 
-def test_champion_moves_only_to_a_better_model(trained_copy):
-    params = load_params()
-    run_id = read_json("models/seq2seq/run.json")["run_id"]
-    first = read_json("reports/registry.json")
-    worse = register(params, MODEL_FILE, run_id, {"bleu": first["score"] - 1.0})
-    assert worse["alias"] == "challenger" and worse["version"] == 2
-    better = register(params, MODEL_FILE, run_id, {"bleu": first["score"] + 1.0})
-    assert better["alias"] == "champion" and better["previous_champion_score"] == first["score"]
+
+def params_with(**register_params) -> Params:
+    return Params.model_validate({"register": register_params})
+
+
+def test_decide_asks_for_a_margin_and_significance():
+    params = params_with(min_gain=1.0, max_p=0.05)
+    assert decide(params, 30.0, {"delta": 2.0, "p_value": 0.01}).alias == CHAMPION
+    assert decide(params, 30.0, {"delta": 0.5, "p_value": 0.001}).alias == CHALLENGER  # under the margin
+    assert decide(params, 30.0, {"delta": 3.0, "p_value": 0.2}).alias == CHALLENGER  # noise
+    assert decide(params, 30.0, {"delta": -3.0, "p_value": 0.001}).alias == CHALLENGER  # worse
+
+
+def test_decide_follows_each_metrics_direction():
+    ter = params_with(metric="ter", min_gain=1.0, min_score=60.0)
+    assert decide(ter, 50.0, {"delta": -2.0, "p_value": 0.01}).alias == CHAMPION  # TER fell: better
+    assert decide(ter, 50.0, {"delta": 2.0, "p_value": 0.01}).alias == CHALLENGER
+    assert decide(ter, 50.0, None).alias == CHAMPION  # 50 is under the TER ceiling of 60
+    assert decide(ter, 70.0, None).alias is None
+    assert decide(params_with(min_score=10.0), 9.0, None).alias is None
+    assert decide(params_with(min_score=10.0), 11.0, None).alias == CHAMPION
+
+
+def test_metric_without_a_direction_is_rejected_with_the_params(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("register:\n  metric: accuracy\n")
+    with pytest.raises(ParamsError, match="register.*accuracy"):
+        load_params(path)
+
+
+def test_paired_bootstrap_tells_noise_from_a_real_gain():
+    references = [f"el perro {i} duerme en la casa" for i in range(60)]
+    good = list(references)
+    bad = [f"un gato {i} come" for i in range(60)]
+    same = paired_bootstrap("bleu", good, good, references, 300, seed=1)
+    assert same["delta"] == 0 and same["p_value"] > 0.5 and same["delta_95ci"] == [0.0, 0.0]
+    gain = paired_bootstrap("bleu", good, bad, references, 300, seed=1)
+    assert gain["delta"] > 50 and gain["p_value"] < 0.05 and gain["delta_95ci"][0] > 0
+    assert paired_bootstrap("bleu", good, bad, references, 300, seed=1) == gain  # seeded
+
+
+def broken_copy(path, out):
+    """The same checkpoint with its decoder zeroed: a model that translates nothing well."""
+    bundle = torch.load(path, weights_only=True)
+    bundle["state_dict"] = {k: torch.zeros_like(v) if k.startswith("decoder.rnn") else v
+                            for k, v in bundle["state_dict"].items()}
+    torch.save(bundle, out)
+    return out
+
+
+def test_first_run_registered_a_champion_with_its_comparison_record(trained_copy):
+    record = read_json("reports/registry.json")
+    assert record["alias"] == CHAMPION and record["version"] == 1 and record["compared_with"] is None
+    assert record["test_sentences"] == len(pd.read_parquet("data/prepared/test.parquet"))
+    version = MlflowClient().get_model_version(NAME, "1")
+    assert version.tags["model_md5"] == file_md5(MODEL_FILE) == record["model_md5"]
+    assert version.tags["test_sha256"] == record["test_sha256"] and version.tags["git_commit"]
+    assert "decision" in version.description and record["test_sha256"][:12] in version.description
+
+
+def test_register_is_idempotent(trained_copy):
+    params, run_id = load_params(), read_json("models/seq2seq/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    again = register(params, MODEL_FILE, run_id, test)
+    assert again["version"] == 1 and again["alias"] == CHAMPION
+    assert len(MlflowClient().search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_a_worse_model_becomes_challenger_and_retries_reuse_its_version(trained_copy):
+    params, run_id = load_params(), read_json("models/seq2seq/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    worse = broken_copy(MODEL_FILE, trained_copy / "broken.pt")
+    record = register(params, worse, run_id, test)
+    assert record["version"] == 2 and record["alias"] == CHALLENGER and record["compared_with"] == 1
+    comparison = record["comparison"]
+    assert comparison["delta"] < 0 and comparison["delta_95ci"][0] <= comparison["delta"] <= comparison["delta_95ci"][1]
+    assert comparison["champion"] == read_json("reports/registry.json")["score"]  # same data, same decoder
+    assert register(params, worse, run_id, test) == record  # a retry: same version, same decision
     client = MlflowClient()
-    assert int(client.get_model_version_by_alias("vamos-en-es", "champion").version) == better["version"]
-    assert int(client.get_model_version_by_alias("vamos-en-es", "challenger").version) == 2
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2
+    assert int(client.get_model_version_by_alias(NAME, CHALLENGER).version) == 2
+    assert int(client.get_model_version_by_alias(NAME, CHAMPION).version) == 1
+    logged = mlflow.artifacts.load_dict(f"runs:/{record['run_id']}/registry/version-2.json")
+    assert logged["comparison"] == comparison
+    assert client.get_run(record["run_id"]).data.metrics["registry_delta"] == comparison["delta"]
+
+
+def test_a_hand_moved_champion_is_what_the_next_register_compares_with(trained_copy):
+    params, run_id = load_params(), read_json("models/seq2seq/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)  # version 2
+    client = MlflowClient()
+    client.set_registered_model_alias(NAME, CHAMPION, "2")  # a person promotes the broken model
+    assert mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}").metadata.run_id == run_id
+    record = register(params, MODEL_FILE, run_id, test)  # the good model, version 1, compared anew
+    assert record["version"] == 1 and record["compared_with"] == 2
+    assert record["comparison"]["delta"] > 0
+    expected = CHAMPION if record["comparison"]["p_value"] <= params.registry.max_p and \
+        record["comparison"]["delta"] >= params.registry.min_gain else CHALLENGER
+    assert record["alias"] == expected
+    assert int(client.get_model_version_by_alias(NAME, expected).version) == 1
+
+
+def test_a_changed_test_set_is_scored_again(trained_copy):
+    params, run_id = load_params(), read_json("models/seq2seq/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)
+    first = json.loads(MlflowClient().get_model_version(NAME, "2").tags["promotion"])
+    fewer = register(params, trained_copy / "broken.pt", run_id, test.iloc[:-1])
+    assert fewer["test_sentences"] == len(test) - 1 and fewer["test_sha256"] != first["test_sha256"]
 
 
 def test_champion_pyfunc_translates_text(trained_copy):
-    model = mlflow.pyfunc.load_model("models:/vamos-en-es@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
     outputs = model.predict(["The red dog sleeps.", "The old king eats."])
     assert len(outputs) == 2 and all(isinstance(o, str) and o for o in outputs)
     learned = set(NOUNS.values()) | set(ADJECTIVES.values()) | set(VERBS.values())
@@ -32,7 +139,7 @@ def test_champion_pyfunc_translates_text(trained_copy):
 def test_run_has_params_metrics_and_tags(trained_copy):
     run = MlflowClient().get_run(read_json("models/seq2seq/run.json")["run_id"])
     assert run.data.params["train.hidden_size"] == "48"
-    for key in ("train_loss", "valid_loss", "valid_bleu", "test_bleu", "test_chrf"):
+    for key in ("train_loss", "valid_loss", "valid_bleu", "test_bleu", "test_chrf", "registry_bleu"):
         assert key in run.data.metrics
     assert len(MlflowClient().get_metric_history(run.info.run_id, "valid_loss")) >= 1
     assert run.data.tags["git_commit"] and "dvc.prepared_md5" in run.data.tags
