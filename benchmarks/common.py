@@ -34,3 +34,56 @@ def setup(params: Params):
     data = ParallelData(load_split("train"), src_vocab, tgt_vocab)
     model, _, _ = initial_model(params, src_vocab, tgt_vocab, EMBEDDINGS, device)
     return model, data, load_split("valid"), src_vocab, tgt_vocab, device
+
+
+def decoding_setup(params: Params, data_root, split: str):
+    """(model, source token lists, src vocab, tgt vocab, device, notes) for a decoding benchmark.
+    Falls back to what this checkout can make without `dvc repro`, and says so in `notes`: a model
+    of the configured size with random weights when there is no embedding file, and synthetic
+    sentences of the test split's length distribution when there is no prepared data."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from pipeline.model import ModelConfig, Seq2Seq
+    from pipeline.text import Vocab
+
+    torch.manual_seed(params.seed)
+    device = pick_device(params.train.device)
+    data_root, notes = Path(data_root), []
+    if (data_root / f"{split}.parquet").exists():
+        src_vocab, tgt_vocab = load_vocabs(data_root)
+        sources = [s.split() for s in load_split(split, data_root)["src_tokens"]]
+    else:
+        src_vocab, tgt_vocab = (Vocab([f"w{i}" for i in range(n - 4)]) for n in DEFAULT_VOCAB_SIZES)
+        sources = synthetic_sources(src_vocab, SYNTHETIC_SENTENCES, params.seed)
+        notes.append(f"no {data_root}/{split}.parquet: {len(sources)} synthetic sentences "
+                     f"(gamma lengths, mean {np.mean([len(s) for s in sources]):.1f} tokens)")
+    if (EMBEDDINGS / "src.w2v").exists():
+        model, _, _ = initial_model(params, src_vocab, tgt_vocab, EMBEDDINGS, device)
+    else:
+        cfg = params.train
+        model = Seq2Seq(ModelConfig(
+            src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), emb_size=params.embed.vector_size,
+            hidden_size=cfg.hidden_size, encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
+            bidirectional=cfg.bidirectional, attention=cfg.attention, dropout=cfg.dropout,
+            tie_embeddings=cfg.tie_embeddings)).to(device)
+        notes.append(f"no {EMBEDDINGS}/src.w2v: the configured model with random weights, which almost "
+                     "never emits <eos>, so every sentence runs to its length limit")
+    return model.eval(), sources, src_vocab, tgt_vocab, device, notes
+
+
+# The default corpus's vocabulary sizes and test split (8,519 / 16,079 words; 281 sentences, 27.8
+# source tokens on average), for synthetic stand-ins.
+DEFAULT_VOCAB_SIZES = (8519, 16079)
+SYNTHETIC_SENTENCES = 281
+
+
+def synthetic_sources(vocab, count: int, seed: int, mean_length: float = 28.0) -> list[list[str]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.gamma(4.0, mean_length / 4.0, count).round().astype(int), 1, 80)
+    words = vocab.itos[4:]
+    return [[words[i] for i in rng.integers(0, len(words), n)] for n in lengths]

@@ -1,11 +1,15 @@
-"""Training and decoding speed on the prepared data: target tokens/s, sentences/s, peak memory.
+"""Training and decoding speed: target tokens/s, sentences/s, peak memory.
 
     python benchmarks/throughput.py --steps 30 --set train.hidden_size=512
+    python benchmarks/throughput.py --decode-only --data data/prepared --max-len-ratio 1.5 --max-len-ratio 0.8
+    python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py   # another decode.py, e.g. a past commit's
 
-Run from a checkout where `dvc repro` has made data/prepared and models/embeddings. It prints
-figures and asserts nothing: timings belong in a benchmark, not in a test."""
+Training needs a checkout where `dvc repro` has made data/prepared and models/embeddings. Decoding
+falls back to a random model of the configured size and synthetic sentences, and says so. It
+prints figures and asserts nothing: timings belong in a benchmark, not in a test."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -14,9 +18,9 @@ import torch
 import typer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import params_with, setup  # noqa: E402
+from common import decoding_setup, params_with, setup  # noqa: E402
 
-from pipeline.decode import Translator  # noqa: E402
+from pipeline import storage  # noqa: E402
 from pipeline.train import peak_memory_mb, tokenizers, train_step  # noqa: E402
 
 WARMUP = 3
@@ -27,10 +31,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main(steps: int = 30, decode_sentences: int = 128, set: list[str] = typer.Option([], "--set")) -> None:
-    params = params_with(set)
+def benchmark_training(params, steps: int) -> None:
     cfg = params.train
-    model, data, valid, src_vocab, tgt_vocab, device = setup(params)
+    model, data, _, _, _, device = setup(params)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
     tokens, start = 0, time.perf_counter()
@@ -46,14 +49,69 @@ def main(steps: int = 30, decode_sentences: int = 128, set: list[str] = typer.Op
           f"sampled softmax {cfg.sampled_softmax}, batch_tokens {cfg.batch_tokens}, amp {cfg.amp}")
     print(f"train: {rate:,.0f} target tokens/s over {steps} steps; {per_epoch:,} target tokens an epoch "
           f"-> {per_epoch / rate / 60:.1f} min/epoch")
-    translator = Translator(model, *tokenizers(params), src_vocab, tgt_vocab, device)
-    sources = [s.split() for s in valid["src_tokens"].head(decode_sentences)]
-    for beam in (1, params.evaluate.beam_size):
-        start = time.perf_counter()
-        translator.translate_tokens(sources, beam_size=beam, batch_size=params.evaluate.batch_size)
-        synchronize(device)
-        print(f"decode beam {beam}: {len(sources) / (time.perf_counter() - start):,.1f} sentences/s")
+
+
+def translator_class(decoder: Path | None):
+    """pipeline.decode's Translator, or the one in another copy of decode.py (for before/after)."""
+    if decoder is None:
+        from pipeline.decode import Translator
+
+        return Translator
+    spec = importlib.util.spec_from_file_location("decode_under_test", decoder)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Translator
+
+
+def spread_subset(items: list, count: int) -> list:
+    """`count` items spread evenly over the list, so a subset keeps its length distribution."""
+    step = max(len(items) / count, 1.0)
+    return [items[int(i * step)] for i in range(min(count, len(items)))]
+
+
+def time_decoding(translator, sources, beam: int, batch: int, ratio: float, device) -> tuple[float, float]:
+    """(sentences/s, mean output length in tokens)."""
+    start = time.perf_counter()
+    outputs = translator.translate_tokens(sources, beam_size=beam, batch_size=batch, max_len_ratio=ratio)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return len(sources) / seconds, sum(len(words) for words, _ in outputs) / len(outputs)
+
+
+def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batch1_sentences: int,
+                       decoder: Path | None) -> None:
+    model, sources, src_vocab, tgt_vocab, device, notes = decoding_setup(params, data, split)
+    translator = translator_class(decoder)(model, *tokenizers(params), src_vocab, tgt_vocab, device)
+    batch, beam = params.evaluate.batch_size, params.evaluate.beam_size
+    print(f"decoder {decoder or 'pipeline/decode.py'}; device {device}, threads {torch.get_num_threads()}; "
+          f"{split}: {len(sources)} sentences, {sum(map(len, sources)) / len(sources):.1f} source tokens on average")
+    for note in notes:
+        print(f"note: {note}")
+    translator.translate_tokens(sources[:8], beam_size=beam, batch_size=8)  # warm-up
+    print("| max_len_ratio | search | batch | sentences | mean source len | mean output len | sentences/s |")
+    print("|---|---|---|---|---|---|---|")
+    for ratio in ratios:
+        for search_beam in (1, beam):
+            for size in (1, batch):
+                subset = sources if size > 1 else spread_subset(sources, batch1_sentences)
+                rate, out_len = time_decoding(translator, subset, search_beam, size, ratio, device)
+                search = "greedy" if search_beam == 1 else f"beam {search_beam}"
+                print(f"| {ratio} | {search} | {size} | {len(subset)} | "
+                      f"{sum(map(len, subset)) / len(subset):.1f} | {out_len:.1f} | {rate:,.1f} |", flush=True)
     print(f"peak memory: {peak_memory_mb(device):,.0f} MiB")
+
+
+def main(steps: int = 30, decode_only: bool = typer.Option(False, help="skip the training benchmark"),
+         data: Path = typer.Option(storage.PREPARED, help="prepared data (vocabularies and splits)"),
+         split: str = "test", max_len_ratio: list[float] = typer.Option([], help="default: evaluate.max_len_ratio"),
+         batch1_sentences: int = typer.Option(100, help="sentences decoded one at a time"),
+         decoder: Path = typer.Option(None, help="another decode.py to time instead of pipeline/decode.py"),
+         set: list[str] = typer.Option([], "--set")) -> None:
+    params = params_with(set)
+    if not decode_only:
+        benchmark_training(params, steps)
+    benchmark_decoding(params, data, split, max_len_ratio or [params.evaluate.max_len_ratio], batch1_sentences,
+                       decoder)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK, Tokenizer, Vocab
+from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
 
 @dataclass
@@ -16,38 +17,14 @@ class Hypothesis:
     score: float
 
 
+# Never trained as outputs (sampled softmax draws from id 4 up) and never meaningful: a <pad> would
+# end the sentence and both would shift the word-to-attention index unknown-word replacement uses.
+NEVER_EMITTED = (PAD_ID, SOS_ID)
+
+
 def max_lengths(src_len: torch.Tensor, ratio: float) -> torch.Tensor:
     """Each sentence's output limit: long enough for a translation, short enough to stop babble."""
     return (src_len.float() * ratio).long() + 5
-
-
-@torch.no_grad()
-def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len_ratio: float = 1.5) -> list[Hypothesis]:
-    memory, state = model.encode(src, src_len)
-    batch = src.size(0)
-    prev = torch.full((batch,), SOS_ID, dtype=torch.long, device=src.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
-    tokens, attentions, scores = [], [], torch.zeros(batch, device=src.device)
-    limits = max_lengths(src_len, max_len_ratio).to(src.device)
-    for step in range(int(limits.max())):
-        attentional, state, weights = model.decoder.step(prev, state, memory)
-        log_probs = torch.log_softmax(model.logits(attentional).float(), dim=-1)
-        best, prev = log_probs.max(dim=-1)
-        prev = prev.masked_fill(finished, PAD_ID)
-        scores += best.masked_fill(finished, 0.0)
-        tokens.append(prev)
-        attentions.append(weights.float())
-        finished |= (prev == EOS_ID) | (step + 1 >= limits)
-        if finished.all():
-            break
-    tokens = torch.stack(tokens, 1).cpu().numpy()
-    attentions = torch.stack(attentions, 1).cpu().numpy()
-    out = []
-    for b in range(batch):
-        row = list(tokens[b])
-        length = next((i for i, t in enumerate(row) if t in (EOS_ID, PAD_ID)), len(row))
-        out.append(Hypothesis(row[:length], attentions[b, :length, : int(src_len[b])], float(scores[b])))
-    return out
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -55,64 +32,175 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+class OutputLayer:
+    """Next-token log-probabilities over the vocabulary, or over a shortlist of target ids (the
+    output projection is most of a decoding step), with <pad> and <sos> impossible."""
+
+    def __init__(self, model, shortlist: torch.Tensor | None = None):
+        self.model, self.ids = model, None
+        if shortlist is not None:
+            ids = torch.unique(torch.cat([shortlist.long().cpu(), torch.tensor([UNK_ID, EOS_ID])]))
+            self.ids = ids[~torch.isin(ids, torch.tensor(NEVER_EMITTED))].to(model.generator.weight.device)
+            self.weight = model.generator.weight.index_select(0, self.ids)
+            self.bias = None if model.generator.bias is None else model.generator.bias.index_select(0, self.ids)
+        self.eos = EOS_ID if self.ids is None else int((self.ids == EOS_ID).nonzero())
+
+    def log_probs(self, attentional: torch.Tensor, at_limit: torch.Tensor | None = None) -> torch.Tensor:
+        """rows x outputs; rows flagged `at_limit` may only end, at the model's price for <eos>."""
+        if self.ids is None:
+            log_probs = torch.log_softmax(self.model.logits(attentional).float(), dim=-1)
+            log_probs[:, list(NEVER_EMITTED)] = float("-inf")
+        else:
+            log_probs = torch.log_softmax(F.linear(attentional, self.weight, self.bias).float(), dim=-1)
+        if at_limit is not None and bool(at_limit.any()):
+            only_eos = torch.full_like(log_probs[0], float("-inf"))
+            only_eos[self.eos] = 0.0
+            log_probs = torch.where(at_limit.unsqueeze(1), log_probs + only_eos, log_probs)
+        return log_probs
+
+    def token_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions if self.ids is None else self.ids[positions]
+
+
+class SearchHistory:
+    """Back-pointers, one entry per step: the rows' attention, and for each row that goes on, the
+    token it chose and the row it came from. Paths are read back once, at the end, instead of
+    copying every hypothesis's history at every step."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.weights: list[torch.Tensor] = []
+        self.tokens: list[torch.Tensor] = []
+        self.parents: list[torch.Tensor] = []
+        # The best finished hypothesis of each sentence: score, and the step and row it ended at.
+        self.best_score = torch.full((batch,), float("-inf"), device=device)
+        self.best_step = torch.zeros(batch, dtype=torch.long, device=device)
+        self.best_row = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def record(self, weights: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor) -> None:
+        self.weights.append(weights)
+        self.tokens.append(tokens)
+        self.parents.append(parents)
+
+    def finish(self, sentences: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, step: int) -> None:
+        """Keep each sentence's candidate where it beats that sentence's best so far."""
+        better = scores > self.best_score[sentences]
+        sentences, scores, rows = sentences[better], scores[better], rows[better]
+        self.best_score[sentences] = scores
+        self.best_step[sentences] = step
+        self.best_row[sentences] = rows
+
+    def hypotheses(self, src_len: torch.Tensor) -> list[Hypothesis]:
+        weights = [w.float().cpu().numpy() for w in self.weights]
+        tokens = [t.cpu().numpy() for t in self.tokens]
+        parents = [p.cpu().numpy() for p in self.parents]
+        out = []
+        for score, step, row, length in zip(self.best_score.tolist(), self.best_step.tolist(),
+                                            self.best_row.tolist(), src_len.tolist()):
+            path, attention = [], []
+            for s in range(step - 1, -1, -1):
+                path.append(int(tokens[s][row]))
+                row = int(parents[s][row])
+                attention.append(weights[s][row, :length])
+            attention = np.stack(attention[::-1]) if attention else np.zeros((0, length), dtype=np.float32)
+            out.append(Hypothesis(path[::-1], attention, score))
+        return out
+
+
+@torch.no_grad()
+def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len_ratio: float = 1.5,
+                  shortlist: torch.Tensor | None = None) -> list[Hypothesis]:
+    """The most likely next word at each step; a sentence leaves the batch once it has ended.
+    The score is the sum of the chosen words' log-probabilities, <eos> included."""
+    device = src.device
+    memory, state = model.encode(src, src_len)
+    output = OutputLayer(model, shortlist)
+    history = SearchHistory(src.size(0), device)
+    sentences = torch.arange(src.size(0), device=device)  # the batch rows still searching
+    limits = max_lengths(src_len, max_len_ratio).to(device)
+    prev = torch.full_like(sentences, SOS_ID)
+    scores = torch.zeros(src.size(0), device=device)
+    for step in range(int(limits.max())):
+        attentional, state, weights = model.decoder.step(prev, state, memory)
+        best, positions = output.log_probs(attentional, step + 1 >= limits[sentences]).max(dim=-1)
+        tokens, scores = output.token_ids(positions), scores + best
+        ended = tokens == EOS_ID
+        history.finish(sentences[ended], scores[ended], ended.nonzero().squeeze(1), step)
+        going_on = (~ended).nonzero().squeeze(1)
+        history.record(weights, tokens[going_on], going_on)
+        if len(going_on) == 0:
+            break
+        if len(going_on) < len(sentences):
+            memory, sentences, scores = memory.select(going_on), sentences[going_on], scores[going_on]
+        state, prev = state.select(going_on), tokens[going_on]
+    return history.hypotheses(src_len)
+
+
 @torch.no_grad()
 def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int = 5, alpha: float = 1.0,
-                max_len_ratio: float = 1.5) -> list[Hypothesis]:
-    """Beam search over the whole batch at once: batch x beam rows advance together."""
+                max_len_ratio: float = 1.5, shortlist: torch.Tensor | None = None) -> list[Hypothesis]:
+    """Beam search over the whole batch at once: sentences x beam rows advance together, and a
+    sentence leaves the batch once it is done. A hypothesis ends with <eos> (forced, at the model's
+    price, at the sentence's length limit) and scores log p / length_penalty(length + 1, alpha)."""
     if beam_size == 1:
-        return greedy_search(model, src, src_len, max_len_ratio)
+        return greedy_search(model, src, src_len, max_len_ratio, shortlist)
+    return search_beams(model, src, src_len, beam_size, alpha, max_len_ratio, shortlist)
+
+
+@torch.no_grad()
+def search_beams(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int, alpha: float = 1.0,
+                 max_len_ratio: float = 1.5, shortlist: torch.Tensor | None = None) -> list[Hypothesis]:
+    """Beam search proper, for any beam size (beam_search hands a beam of one to greedy_search)."""
     batch, k, device = src.size(0), beam_size, src.device
     memory, state = model.encode(src, src_len)
     rows = torch.arange(batch, device=device).repeat_interleave(k)
     memory, state = memory.select(rows), state.select(rows)
+    output = OutputLayer(model, shortlist)
+    history = SearchHistory(batch, device)
+    sentences = torch.arange(batch, device=device)
+    finished = torch.zeros(batch, dtype=torch.long, device=device)  # hypotheses ended, per sentence
+    limits = max_lengths(src_len, max_len_ratio).to(device)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one alive
     prev = torch.full((batch * k,), SOS_ID, dtype=torch.long, device=device)
-    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
-    attn_history = torch.zeros(batch * k, 0, src.size(1), device=device)
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, dtype=bool)
-    limits = max_lengths(src_len, max_len_ratio).to(device)
-    src_lengths = src_len.tolist()
-
     for step in range(int(limits.max())):
         attentional, state, weights = model.decoder.step(prev, state, memory)
-        log_probs = torch.log_softmax(model.logits(attentional).float(), dim=-1)
-        vocab = log_probs.size(1)
-        candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)
-        top_scores, top_ids = candidates.topk(2 * k, dim=1)
-        beam_ids, token_ids = top_ids // vocab, top_ids % vocab
-        source_rows = (beam_ids + torch.arange(batch, device=device).unsqueeze(1) * k)  # batch x 2k
-        is_eos = token_ids == EOS_ID
-        last_step = (step + 1 >= limits).unsqueeze(1)  # batch x 1
+        at_limit = step + 1 >= limits[sentences]
+        log_probs = output.log_probs(attentional, at_limit.repeat_interleave(k))
+        n, vocab = scores.size(0), log_probs.size(1)
+        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
+        top_scores, top_ids = candidates.topk(min(2 * k, k * vocab), dim=1)
+        parent_rows = top_ids // vocab + torch.arange(n, device=device).unsqueeze(1) * k
+        positions = top_ids % vocab
+        is_eos = positions == output.eos
 
-        # Hypotheses that end here (and, at a sentence's last step, every live one) are set aside.
-        ending = (is_eos | last_step) & torch.isfinite(top_scores)
-        ending[:, k:] = False  # only candidates that would have made the beam
-        for b, r in ending.nonzero().tolist():
-            if done[b]:
-                continue
-            row = int(source_rows[b, r])
-            toks = history[row].tolist() + ([] if is_eos[b, r] else [int(token_ids[b, r])])
-            attn = torch.cat([attn_history[row], weights[row].float().unsqueeze(0)])[: len(toks)]
-            finished[b].append(Hypothesis(toks, attn[:, : src_lengths[b]].cpu().numpy(),
-                                          float(top_scores[b, r]) / length_penalty(len(toks) + 1, alpha)))
-        done |= np.array([len(f) >= k for f in finished]) | last_step.squeeze(1).cpu().numpy()
-        if done.all():
+        # Candidates that end here and would have made the beam become finished hypotheses.
+        ending = is_eos & torch.isfinite(top_scores)
+        ending[:, k:] = False
+        finished[sentences] += ending.sum(1)
+        normalised = (top_scores / length_penalty(step + 1, alpha)).masked_fill(~ending, float("-inf"))
+        best, rank = normalised.max(dim=1)
+        history.finish(sentences, best, parent_rows.gather(1, rank.unsqueeze(1)).squeeze(1), step)
+
+        # The best k candidates that did not end go on, in the sentences that are not done: a
+        # sentence is done once k hypotheses have ended and the best of them beats every live one
+        # as it stands (counting only the k would let improbable endings stop a likely path).
+        keep = (torch.arange(top_ids.size(1), device=device) + is_eos.long() * 2 * k).topk(k, largest=False).indices
+        next_scores = top_scores.gather(1, keep)
+        live_best = next_scores.max(dim=1).values / length_penalty(step + 2, alpha)
+        done = at_limit | ((finished[sentences] >= k) & (history.best_score[sentences] >= live_best))
+        going_on = (~done).nonzero().squeeze(1)
+        keep = keep[going_on]
+        parents = parent_rows[going_on].gather(1, keep).view(-1)
+        tokens = output.token_ids(positions[going_on].gather(1, keep).view(-1))
+        history.record(weights, tokens, parents)
+        if len(going_on) == 0:
             break
-
-        # The best k candidates that did not end continue.
-        rank = torch.arange(2 * k, device=device).expand(batch, -1) + is_eos.long() * 2 * k
-        keep = rank.topk(k, dim=1, largest=False).indices
-        prev = token_ids.gather(1, keep)
-        stopped = torch.from_numpy(done).to(device).unsqueeze(1) | (prev == EOS_ID)
-        scores = top_scores.gather(1, keep).masked_fill(stopped, float("-inf"))
-        chosen_rows = source_rows.gather(1, keep).view(-1)
-        prev = prev.view(-1)
-        state = state.select(chosen_rows)
-        history = torch.cat([history[chosen_rows], prev.unsqueeze(1)], dim=1)
-        attn_history = torch.cat([attn_history[chosen_rows], weights[chosen_rows].float().unsqueeze(1)], dim=1)
-    return [max(f, key=lambda h: h.score) for f in finished]
+        if len(going_on) < n:
+            memory = memory.select((going_on.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1))
+            sentences = sentences[going_on]
+        scores = next_scores[going_on]
+        state, prev = state.select(parents), tokens
+    return history.hypotheses(src_len)
 
 
 def replace_unknowns(tokens: list[str], attention: np.ndarray, source_tokens: list[str]) -> list[str]:
