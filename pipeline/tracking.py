@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow 3's UI opens experiments of this kind on their runs, not on the GenAI traces overview.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def offline_environment() -> None:
@@ -23,14 +24,56 @@ def offline_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def workspace_root() -> Path:
+    """The main DVC workspace. `dvc exp run --temp` and `--queue` run stages in a copy under
+    .dvc/tmp/exps/ that lacks git-ignored files such as mlflow.db; DVC sets DVC_ROOT to the
+    workspace for them (and to the repo root for `dvc repro`)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def default_store() -> str:
+    """The workspace's own SQLite store: DVC experiments log beside `dvc repro`."""
+    return f"sqlite:///{workspace_root() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_store()
+
+
+def experiment_name() -> str | None:
+    """The DVC experiment this process runs in (`dvc exp run -n NAME`, or DVC's generated name)."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
 def mlflow_setup(experiment: str | None = None):
     offline_environment()
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    mlflow.set_tracking_uri(tracking_uri())
     if experiment:
+        _ensure_experiment(mlflow, experiment)
         mlflow.set_experiment(experiment)
     return mlflow
+
+
+def _ensure_experiment(mlflow, name: str) -> None:
+    """Create the experiment, or mark an existing one, as model development (EXPERIMENT_KIND).
+    With the default store its artifacts go to the workspace's mlruns/ too: a store first used
+    by a temp experiment would otherwise point them into its throwaway copy."""
+    from mlflow.exceptions import MlflowException
+
+    client, (key, value) = mlflow.MlflowClient(), EXPERIMENT_KIND
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        local = mlflow.get_tracking_uri() == default_store()
+        artifacts = str(workspace_root() / "mlruns" / name) if local else None
+        try:
+            client.create_experiment(name, artifact_location=artifacts, tags={key: value})
+        except MlflowException:
+            if client.get_experiment_by_name(name) is None:  # not a concurrent stage that won the race
+                raise
+    elif found.tags.get(key) != value:
+        client.set_experiment_tag(found.experiment_id, key, value)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
