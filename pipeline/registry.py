@@ -228,9 +228,12 @@ def register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame) 
     existing = version_with_md5(client, cfg.model_name, md5)
     champion = alias_holder(client, cfg.model_name, CHAMPION)
     if existing is not None and champion is not None and str(champion.version) == str(existing.version):
-        record = json.loads(existing.tags.get("promotion", "{}")) or {"score": None}
+        # Nothing to compare; the recorded decision stands, so registry.json stays byte-identical.
+        record = json.loads(existing.tags.get("promotion", "{}"))
         log.info("%s version %s is already the champion", cfg.model_name, existing.version)
-        return {**record, "version": int(existing.version), "alias": CHAMPION, "reason": "already the champion"}
+        if record.get("alias") == CHAMPION:
+            return record
+        return {**record, "version": int(existing.version), "alias": CHAMPION, "reason": "made champion by hand"}
     key = decision_key(params, champion.version if champion else None, test_sha)
     if existing is not None and existing.tags.get("decision_key") == key:
         record = json.loads(existing.tags["promotion"])
