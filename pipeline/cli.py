@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -98,37 +98,101 @@ def restore(
 
 @app.command()
 def translate(
-    text: Optional[list[str]] = typer.Argument(None, help="sentences to translate; none: read lines from stdin"),
-    model: str = typer.Option("models:/vamos-en-es@champion", help="an MLflow model URI, or a model.pt file"),
-    beam: Optional[int] = typer.Option(None, help="beam size (default: the model's)"),
+    text: Optional[list[str]] = typer.Argument(None, help="English text to translate; none: read --input or stdin"),
+    model: str = typer.Option("champion", "--model", "-m",
+                              help="a registry alias (champion), a version number, a models:/ URI, or a model.pt file"),
+    beam: Optional[int] = typer.Option(None, "--beam", "-b", help="beam size, 1 to 16 (default: the model's)"),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="a UTF-8 text file: one line in, one line out"),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="write the translation here (atomically)"),
+    paragraphs: bool = typer.Option(False, "--paragraphs",
+                                    help="split every line into sentences, translate each, and rejoin them"),
+    attention: Optional[Path] = typer.Option(None, "--attention", help="save the attention heatmap of one sentence (PNG)"),
+    params: Path = PARAMS,
 ) -> None:
-    """Translate English to Spanish with the registered champion (or any model)."""
-    import warnings
+    """Translate English to Spanish with the registered champion (or any model). A line longer than
+    serve.max_sentence_tokens is split into sentences; a sentence still longer is an error."""
+    from pipeline.config import ParamsError
+    from pipeline.serving import ModelNotFound, RequestError
 
     logging.basicConfig(level=logging.WARNING)
-    # MLflow nags about type hints on every load; the model's signature is logged explicitly.
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
-    lines = list(text) if text else [line.rstrip("\n") for line in sys.stdin]
-    if not lines:
-        raise typer.Exit(0)
-    params = {"beam_size": beam} if beam else None
-    if model.endswith(".pt"):
-        from pipeline.model import load_translator
+    try:
+        lines = _translate_input(text, input_file)
+        translator = _open_translator(model, params)
+        if attention:
+            outputs = [_plot_attention(translator, lines, beam, attention)]
+        else:
+            outputs = translator.translate_document(lines, beam, paragraphs, progress=input_file is not None)
+    except (ParamsError, ModelNotFound, RequestError, TranslateInputError) as e:
+        _fail(f"vamos translate: {e}")
+    _write_lines(outputs, output_file)
 
-        outputs = load_translator(model).translate(lines, **(params or {}))
+
+class TranslateInputError(ValueError):
+    """Nothing to translate, or a file that cannot be read."""
+
+
+def _translate_input(text: Optional[list[str]], input_file: Optional[Path]) -> list[str]:
+    if text and input_file:
+        raise TranslateInputError("give text as arguments or --input FILE, not both")
+    if input_file:
+        lines = _read_lines(input_file)
+    elif text:
+        lines = list(text)
+    elif sys.stdin.isatty():  # reading would wait for a user who does not know it
+        raise TranslateInputError("nothing to translate: pass text as arguments, --input FILE, or pipe it on stdin")
     else:
-        from pipeline.tracking import mlflow_setup
+        lines = sys.stdin.read().splitlines()
+    if not any(line.strip() for line in lines):
+        raise TranslateInputError(f"empty input{f' ({input_file})' if input_file else ''}: nothing to translate")
+    return lines
 
-        mlflow = mlflow_setup()
-        try:
-            pyfunc = mlflow.pyfunc.load_model(model)
-        except Exception as e:  # MLflow raises several types for a missing model or alias
-            _stderr_console().print(f"[bold red]error:[/] cannot load {model}: {e}\n"
-                                    "Run the pipeline first (dvc repro), or pass --model models/seq2seq/model.pt")
-            raise typer.Exit(2) from None
-        outputs = pyfunc.predict(lines, params=params) if params else pyfunc.predict(lines)
-    for line in outputs:
-        typer.echo(line)
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise TranslateInputError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TranslateInputError(f"cannot read {path}: {e}") from None
+
+
+def _open_translator(model: str, params_file: Path):
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from pipeline.config import Params, load_params
+    from pipeline.serving import open_translator
+
+    # Outside a project there is no params.yaml: the registry name and limits keep their defaults.
+    params = load_params(params_file) if params_file.exists() else Params()
+    return open_translator(model, params)
+
+
+def _plot_attention(translator, lines: list[str], beam: Optional[int], path: Path) -> str:
+    from pipeline.evaluate import plot_attention
+
+    if len(lines) != 1:
+        raise TranslateInputError(f"--attention needs a single sentence; got {len(lines)} lines")
+    source, words, weights, translation = translator.translate_with_attention(lines[0], beam)
+    plot_attention(source, words, weights, path, translation)
+    return translation
+
+
+def _write_lines(lines: list[str], output_file: Optional[Path]) -> None:
+    from pipeline import storage
+
+    if output_file:
+        storage.write_text(output_file, "".join(f"{line}\n" for line in lines))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+def _fail(message: str) -> NoReturn:
+    from rich.markup import escape
+
+    _stderr_console().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
 
 
 if __name__ == "__main__":
