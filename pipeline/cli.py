@@ -77,6 +77,25 @@ def check(params: Path = PARAMS) -> None:
 
 
 @app.command()
+def push(project: Path = typer.Option(Path("."), help="the DVC project")) -> None:
+    """Push data and models (every output in dvc.lock) to the default DVC remote (see .dvc/config)."""
+    from pipeline.storage import NoRemote, default_remote
+    from pipeline.storage import push as dvc_push
+
+    try:
+        name, url = default_remote(project)
+    except NoRemote as e:
+        _stderr_console().print(f"[bold red]vamos push: error:[/] {e}")
+        raise typer.Exit(2) from None
+    result = dvc_push(project)
+    sys.stderr.write(result.stderr)
+    typer.echo(result.stdout.rstrip("\n"))
+    if result.returncode != 0:
+        raise typer.Exit(result.returncode)
+    typer.echo(f"pushed to DVC remote {name!r} ({url})")
+
+
+@app.command()
 def restore(
     version: int = typer.Argument(..., help="the registered version of the model to restore"),
     into: Path = typer.Option(..., "--into", help="an empty folder for the restored checkout (a git worktree)"),

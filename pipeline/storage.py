@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,3 +84,27 @@ def save_figure(path: str | Path, figure) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     plt.close(figure)
+
+
+class NoRemote(RuntimeError):
+    pass
+
+
+def default_remote(project: str | Path = ".") -> tuple[str, str]:
+    """The default DVC remote's name and URL, with .dvc/config.local (and user configs) applied
+    and a local path resolved the way DVC does (relative to the config file, `~` expanded)."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=Path(project) / ".dvc")
+    name = config["core"].get("remote")
+    if not name or name not in config["remote"]:
+        raise NoRemote("no default DVC remote: add one with `dvc remote add -d NAME URL`")
+    return name, str(config["remote"][name]["url"])
+
+
+def push(project: str | Path = ".") -> subprocess.CompletedProcess:
+    """`dvc push` every output in dvc.lock to the default remote, creating a local remote's directory."""
+    _, url = default_remote(project)
+    if not re.match(r"\w+://", url):  # a local path, not s3:// or the like
+        Path(url).mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "dvc", "push"], cwd=project, capture_output=True, text=True)
