@@ -138,7 +138,7 @@ def translate(
         lines = _translate_input(text, input_file)
         translator = _open_translator(model, params)
         if attention:
-            outputs = [_plot_attention(translator, lines, beam, attention)]
+            outputs = [_plot_attention(translator, lines, beam, paragraphs, attention)]
         else:
             outputs = translator.translate_document(lines, beam, paragraphs, progress=input_file is not None)
     except (ParamsError, ModelNotFound, RequestError, TranslateInputError) as e:
@@ -187,12 +187,12 @@ def _open_translator(model: str, params_file: Path):
     return open_translator(model, params)
 
 
-def _plot_attention(translator, lines: list[str], beam: Optional[int], path: Path) -> str:
+def _plot_attention(translator, lines: list[str], beam: Optional[int], paragraphs: bool, path: Path) -> str:
     from pipeline.evaluate import plot_attention
 
     if len(lines) != 1:
         raise TranslateInputError(f"--attention needs a single sentence; got {len(lines)} lines")
-    source, words, weights, translation = translator.translate_with_attention(lines[0], beam)
+    source, words, weights, translation = translator.translate_with_attention(lines[0], beam, paragraphs)
     plot_attention(source, words, weights, path, translation)
     return translation
 

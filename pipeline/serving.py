@@ -185,10 +185,10 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
                 bar.update(min(step, len(sentences) - start))
         return _rejoin(plan, translations)
 
-    def translate_with_attention(self, text: str, beam_size: int | None = None):
-        """(source tokens, output words, attention matrix, translation) of one sentence."""
+    def translate_with_attention(self, text: str, beam_size: int | None = None, paragraphs: bool = False):
+        """(source tokens, output words, attention matrix, translation) of a text decoded as one unit."""
         beam = self._beam(beam_size)
-        [sentences] = plan_request(check_texts([text]), self._tokenize, self.limits)
+        [sentences] = plan_request(check_texts([text]), self._tokenize, self.limits, paragraphs)
         if len(sentences) != 1:
             raise RequestError(f"the attention heatmap needs exactly one sentence; this text has {len(sentences)}")
         [(translation, words, attention)] = self._decode(sentences, beam)

@@ -1,30 +1,82 @@
+from pathlib import Path
+
+import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from tests.conftest import ADJECTIVES, NOUNS, VERBS
 
 runner = CliRunner()
 
 
+MODEL_FILE = "models/seq2seq/model.pt"
+SPANISH = set(NOUNS.values()) | set(ADJECTIVES.values()) | set(VERBS.values())
+
+
+def translate(*args: str, input: str | None = None):
+    return runner.invoke(app, ["translate", *args], input=input)
+
+
+def speaks_spanish(line: str) -> bool:
+    return any(word.strip(".,;:!?") in SPANISH for word in line.split())
+
+
 def test_translate_a_model_file_from_arguments_and_stdin(trained_copy):
-    result = runner.invoke(app, ["translate", "--model", "models/seq2seq/model.pt", "The red dog sleeps."])
+    result = translate("--model", MODEL_FILE, "The red dog sleeps.", "")
     assert result.exit_code == 0, result.output
-    assert len(result.output.strip().splitlines()) == 1
-    piped = runner.invoke(app, ["translate", "--model", "models/seq2seq/model.pt", "--beam", "2"],
-                          input="The old king eats.\nThe small bird sings.\n")
-    assert piped.exit_code == 0 and len(piped.output.strip().splitlines()) == 2
+    first, blank = result.stdout.splitlines()
+    assert speaks_spanish(first) and blank == ""
+    piped = translate("--model", MODEL_FILE, "--beam", "2", input="The old king eats.\nThe small bird sings.\n")
+    assert piped.exit_code == 0 and len(piped.stdout.splitlines()) == 2
 
 
-def test_translate_uses_the_registered_champion(trained_copy):
-    result = runner.invoke(app, ["translate", "The red dog sleeps."])
+def test_translate_uses_the_registered_champion_by_alias_version_or_uri(trained_copy):
+    outputs = {spec: translate("--model", spec, "The red dog sleeps.") for spec in
+               ("champion", "1", "models:/vamos-en-es@champion")}
+    for spec, result in outputs.items():
+        assert result.exit_code == 0, (spec, result.output)
+    assert len({result.stdout for result in outputs.values()}) == 1
+    assert speaks_spanish(translate("The red dog sleeps.").stdout)  # the champion by default
+
+
+def test_a_document_file_in_paragraph_mode_gives_one_line_per_line(trained_copy):
+    document = Path("document.en")
+    document.write_text("The red dog sleeps. The old king eats.\n\nThe small bird sings.\n", encoding="utf-8")
+    result = translate("--input", str(document), "--output", "document.es", "--paragraphs")
     assert result.exit_code == 0, result.output
-    assert result.output.strip()
+    paragraph, blank, last = Path("document.es").read_text(encoding="utf-8").splitlines()
+    assert paragraph.count(".") >= 2 and blank == "" and speaks_spanish(last)
+    assert not list(Path(".").glob(".document.es.*"))  # written atomically: no temporary file left
+
+
+def test_attention_heatmap_of_one_sentence(trained_copy):
+    result = translate("--model", MODEL_FILE, "--attention", "attention.png", "The red dog sleeps.")
+    assert result.exit_code == 0, result.output
+    assert Path("attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and speaks_spanish(result.stdout)
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    ([], "", "empty input"),
+    ([], "\n  \n", "empty input"),
+    (["--input", "no-such-file.txt"], None, "no such file: no-such-file.txt"),
+    (["--model", "missing.pt", "Hello."], None, "no such model file"),
+    (["dog " * 200], None, "the limit is 128 (serve.max_sentence_tokens)"),
+    (["--beam", "0", "The red dog sleeps."], None, "beam_size must be an integer from 1 to 16"),
+    (["--attention", "a.png", "--paragraphs", "The red dog sleeps. The old king eats."], None, "exactly one sentence"),
+])
+def test_bad_input_is_a_clear_error_with_exit_code_2(trained_copy, args, stdin, message):
+    result = translate("--model", MODEL_FILE, *args, input=stdin) if "--model" not in args \
+        else translate(*args, input=stdin)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
 
 
 def test_translate_without_a_registered_model_explains(tmp_path, monkeypatch, mlflow_store):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["translate", "Hello."])
+    result = translate("Hello.")
     assert result.exit_code == 2
-    assert "dvc repro" in result.output
+    assert "models:/vamos-en-es@champion" in result.output
+    assert "dvc repro" in result.output and "set_registered_model_alias" in result.output
 
 
 def test_check_prints_resolved_params(trained_copy):
