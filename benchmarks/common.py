@@ -4,7 +4,7 @@ from __future__ import annotations
 import yaml
 
 from pipeline.config import Params, load_params
-from pipeline.data import ParallelData, load_split, load_vocabs
+from pipeline.data import load_corpus, load_split, load_vocabs
 from pipeline.storage import EMBEDDINGS
 from pipeline.train import initial_model, pick_device
 
@@ -23,17 +23,16 @@ def params_with(overrides: list[str]) -> Params:
 
 
 def setup(params: Params):
-    """(model, train data, valid frame, src vocab, tgt vocab, device), as `vamos train` builds them."""
+    """(model, train data, valid frame, src vocab, tgt vocab, device), loaded as `vamos train` loads them."""
     import torch
 
     torch.manual_seed(params.seed)
     device = pick_device(params.train.device)
     if device.type == "cpu" and params.train.threads:
         torch.set_num_threads(params.train.threads)
-    src_vocab, tgt_vocab = load_vocabs()
-    data = ParallelData(load_split("train"), src_vocab, tgt_vocab)
-    model, _, _ = initial_model(params, src_vocab, tgt_vocab, EMBEDDINGS, device)
-    return model, data, load_split("valid"), src_vocab, tgt_vocab, device
+    corpus = load_corpus()
+    model, _, _ = initial_model(params, corpus.src_vocab, corpus.tgt_vocab, EMBEDDINGS, device)
+    return model, corpus.train, corpus.valid.frame, corpus.src_vocab, corpus.tgt_vocab, device
 
 
 def decoding_setup(params: Params, data_root, split: str):

@@ -2,7 +2,8 @@
 
     python benchmarks/throughput.py --steps 30 --set train.hidden_size=512
     python benchmarks/throughput.py --decode-only --data data/prepared --max-len-ratio 1.5 --max-len-ratio 0.8
-    python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py   # another decode.py, e.g. a past commit's
+    git show <commit>:pipeline/decode.py > /tmp/old_decode.py
+    python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py   # before/after, side by side
 
 Training needs a checkout where `dvc repro` has made data/prepared and models/embeddings. Decoding
 falls back to a random model of the configured size and synthetic sentences, and says so. It
@@ -10,6 +11,7 @@ prints figures and asserts nothing: timings belong in a benchmark, not in a test
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,14 +53,15 @@ def benchmark_training(params, steps: int) -> None:
           f"-> {per_epoch / rate / 60:.1f} min/epoch")
 
 
-def translator_class(decoder: Path | None):
+def translator_class(decoder: str):
     """pipeline.decode's Translator, or the one in another copy of decode.py (for before/after)."""
-    if decoder is None:
+    if decoder == CURRENT:
         from pipeline.decode import Translator
 
         return Translator
-    spec = importlib.util.spec_from_file_location("decode_under_test", decoder)
+    spec = importlib.util.spec_from_file_location(f"decode_{abs(hash(decoder))}", decoder)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.Translator
 
@@ -69,49 +72,74 @@ def spread_subset(items: list, count: int) -> list:
     return [items[int(i * step)] for i in range(min(count, len(items)))]
 
 
-def time_decoding(translator, sources, beam: int, batch: int, ratio: float, device) -> tuple[float, float]:
-    """(sentences/s, mean output length in tokens)."""
+def time_decoding(translate, sources, device) -> tuple[float, float]:
+    """(sentences/s, mean output length in tokens) of `translate(sources)`."""
     start = time.perf_counter()
-    outputs = translator.translate_tokens(sources, beam_size=beam, batch_size=batch, max_len_ratio=ratio)
+    outputs = translate(sources)
     synchronize(device)
     seconds = time.perf_counter() - start
     return len(sources) / seconds, sum(len(words) for words, _ in outputs) / len(outputs)
 
 
 def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batch1_sentences: int,
-                       decoder: Path | None) -> None:
+                       decoders: list[str], lexicon_path: Path | None) -> None:
+    """One row per (max_len_ratio, search, batch size); one sentences/s column per decoder, timed
+    back to back so that each row's figures share the machine's load."""
     model, sources, src_vocab, tgt_vocab, device, notes = decoding_setup(params, data, split)
-    translator = translator_class(decoder)(model, *tokenizers(params), src_vocab, tgt_vocab, device)
+    lexicon = load_lexicon(lexicon_path) if lexicon_path else None
+    variants = {name: translator_class(name)(model, *tokenizers(params), src_vocab, tgt_vocab, device)
+                for name in decoders}
+    if lexicon is not None:
+        variants["shortlist"] = translator_class(CURRENT)(model, *tokenizers(params), src_vocab, tgt_vocab,
+                                                          device, lexicon=lexicon)
     batch, beam = params.evaluate.batch_size, params.evaluate.beam_size
-    print(f"decoder {decoder or 'pipeline/decode.py'}; device {device}, threads {torch.get_num_threads()}; "
-          f"{split}: {len(sources)} sentences, {sum(map(len, sources)) / len(sources):.1f} source tokens on average")
+    print(f"device {device}, threads {torch.get_num_threads()}; {split}: {len(sources)} sentences, "
+          f"{sum(map(len, sources)) / len(sources):.1f} source tokens on average")
     for note in notes:
         print(f"note: {note}")
-    translator.translate_tokens(sources[:8], beam_size=beam, batch_size=8)  # warm-up
-    print("| max_len_ratio | search | batch | sentences | mean source len | mean output len | sentences/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("columns: " + "; ".join(f"{i + 1} = {name}" for i, name in enumerate(variants)))
+    for translator in variants.values():  # warm-up
+        translator.translate_tokens(sources[:8], beam_size=beam, batch_size=8)
+    print("| max_len_ratio | search | batch | sentences | mean source len | mean output len | "
+          + " | ".join(f"sentences/s ({i + 1})" for i in range(len(variants))) + " | load |")
+    print("|---" * (7 + len(variants)) + "|")
     for ratio in ratios:
         for search_beam in (1, beam):
             for size in (1, batch):
                 subset = sources if size > 1 else spread_subset(sources, batch1_sentences)
-                rate, out_len = time_decoding(translator, subset, search_beam, size, ratio, device)
+                rates = []
+                for name, translator in variants.items():
+                    options = {"shortlist": True} if name == "shortlist" else {}
+                    rate, out_len = time_decoding(lambda s: translator.translate_tokens(
+                        s, beam_size=search_beam, batch_size=size, max_len_ratio=ratio, **options), subset, device)
+                    rates.append(f"{rate:,.1f}")
                 search = "greedy" if search_beam == 1 else f"beam {search_beam}"
-                print(f"| {ratio} | {search} | {size} | {len(subset)} | "
-                      f"{sum(map(len, subset)) / len(subset):.1f} | {out_len:.1f} | {rate:,.1f} |", flush=True)
+                print(f"| {ratio} | {search} | {size} | {len(subset)} | {sum(map(len, subset)) / len(subset):.1f} | "
+                      f"{out_len:.1f} | {' | '.join(rates)} | {os.getloadavg()[0]:.1f} |", flush=True)
     print(f"peak memory: {peak_memory_mb(device):,.0f} MiB")
+
+
+def load_lexicon(path: Path):
+    from pipeline.lexicon import Lexicon
+
+    return Lexicon.from_dict(torch.load(path, weights_only=True))
+
+
+CURRENT = "pipeline/decode.py"
 
 
 def main(steps: int = 30, decode_only: bool = typer.Option(False, help="skip the training benchmark"),
          data: Path = typer.Option(storage.PREPARED, help="prepared data (vocabularies and splits)"),
          split: str = "test", max_len_ratio: list[float] = typer.Option([], help="default: evaluate.max_len_ratio"),
          batch1_sentences: int = typer.Option(100, help="sentences decoded one at a time"),
-         decoder: Path = typer.Option(None, help="another decode.py to time instead of pipeline/decode.py"),
+         decoder: list[str] = typer.Option([], help="another decode.py to time beside pipeline/decode.py"),
+         lexicon: Path = typer.Option(None, help="a saved Lexicon.to_dict(): also time the shortlist"),
          set: list[str] = typer.Option([], "--set")) -> None:
     params = params_with(set)
     if not decode_only:
         benchmark_training(params, steps)
     benchmark_decoding(params, data, split, max_len_ratio or [params.evaluate.max_len_ratio], batch1_sentences,
-                       decoder)
+                       [*decoder, CURRENT], lexicon)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 class OutputLayer:
-    """Next-token log-probabilities over the vocabulary, or over a shortlist of target ids (the
-    output projection is most of a decoding step), with <pad> and <sos> impossible."""
+    """Next-token log-probabilities over the words that can be emitted: the vocabulary less <pad>
+    and <sos>, or a shortlist of target ids (the output projection is most of a decoding step)."""
 
     def __init__(self, model, shortlist: torch.Tensor | None = None):
         self.model, self.ids = model, None
@@ -48,10 +48,11 @@ class OutputLayer:
     def log_probs(self, attentional: torch.Tensor, at_limit: torch.Tensor | None = None) -> torch.Tensor:
         """rows x outputs; rows flagged `at_limit` may only end, at the model's price for <eos>."""
         if self.ids is None:
-            log_probs = torch.log_softmax(self.model.logits(attentional).float(), dim=-1)
-            log_probs[:, list(NEVER_EMITTED)] = float("-inf")
+            logits = self.model.logits(attentional).float()
+            logits[:, list(NEVER_EMITTED)] = float("-inf")
         else:
-            log_probs = torch.log_softmax(F.linear(attentional, self.weight, self.bias).float(), dim=-1)
+            logits = F.linear(attentional, self.weight, self.bias).float()
+        log_probs = torch.log_softmax(logits, dim=-1)  # over the words that can be emitted
         if at_limit is not None and bool(at_limit.any()):
             only_eos = torch.full_like(log_probs[0], float("-inf"))
             only_eos[self.eos] = 0.0
@@ -203,29 +204,42 @@ def search_beams(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int
     return history.hypotheses(src_len)
 
 
-def replace_unknowns(tokens: list[str], attention: np.ndarray, source_tokens: list[str]) -> list[str]:
-    """Each <unk> in the output becomes the source word it attended to most (names, numbers)."""
+def replace_unknowns(tokens: list[str], attention: np.ndarray, source_tokens: list[str],
+                     translations: list[str | None] | None = None) -> list[str]:
+    """Each <unk> in the output becomes the source word it attended to most (names, numbers), or
+    that word's dictionary translation where `translations` (one per source word) has one."""
     if not source_tokens:
         return tokens
-    return [source_tokens[int(attention[i].argmax())] if tok == UNK and i < len(attention) else tok
-            for i, tok in enumerate(tokens)]
+    out = []
+    for i, tok in enumerate(tokens):
+        if tok == UNK and i < len(attention):
+            position = int(attention[i].argmax())
+            tok = (translations[position] if translations else None) or source_tokens[position]
+        out.append(tok)
+    return out
 
 
 class Translator:
-    """Text in, text out: tokenise, encode, search, replace unknowns, detokenise."""
+    """Text in, text out: tokenise, encode, search, replace unknowns, detokenise. With a lexicon
+    (pipeline.lexicon), unknown words can be translated by it and the search can score a shortlist."""
 
     def __init__(self, model, src_tok: Tokenizer, tgt_tok: Tokenizer, src_vocab: Vocab, tgt_vocab: Vocab,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", lexicon=None):
         self.model = model.to(device).eval()
         self.src_tok, self.tgt_tok = src_tok, tgt_tok
         self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
         self.device = torch.device(device)
+        self.lexicon = lexicon
 
     def translate_tokens(self, sources: list[list[str]], beam_size: int = 5, alpha: float = 1.0,
                          max_len_ratio: float = 1.5, batch_size: int = 64,
-                         originals: list[list[str]] | None = None) -> list[tuple[list[str], np.ndarray]]:
+                         originals: list[list[str]] | None = None, unk_dictionary: bool = False,
+                         shortlist: bool = False) -> list[tuple[list[str], np.ndarray]]:
         """Token lists in, (output tokens, attention) out, in the input order. Unknown output
-        words are copied from `originals` (the cased source tokens) where given."""
+        words are copied from `originals` (the cased source tokens) where given, or translated by
+        the lexicon with `unk_dictionary`; `shortlist` scores only the lexicon's likely words."""
+        if (unk_dictionary or shortlist) and self.lexicon is None:
+            raise ValueError("unk_dictionary and shortlist need a Translator with a lexicon")
         originals = originals or sources
         from pipeline.data import pad
 
@@ -236,8 +250,11 @@ class Translator:
             ids = [self.src_vocab.encode(sources[i]) or [PAD_ID] for i in rows]
             src = pad(ids).to(self.device)
             src_len = torch.tensor([max(len(sources[i]), 1) for i in rows], device=self.device)
-            for i, hyp in zip(rows, beam_search(self.model, src, src_len, beam_size, alpha, max_len_ratio)):
-                words = replace_unknowns(self.tgt_vocab.decode(hyp.tokens), hyp.attention, originals[i])
+            words_to_score = self.lexicon.shortlist([sources[i] for i in rows], self.tgt_vocab) if shortlist else None
+            hypotheses = beam_search(self.model, src, src_len, beam_size, alpha, max_len_ratio, words_to_score)
+            for i, hyp in zip(rows, hypotheses):
+                translations = [self.lexicon.best(w) for w in sources[i]] if unk_dictionary else None
+                words = replace_unknowns(self.tgt_vocab.decode(hyp.tokens), hyp.attention, originals[i], translations)
                 results[i] = (words, hyp.attention)
         return results
 

@@ -32,6 +32,8 @@ class BigramModel:
     decoder.step (attention uniform over the real source positions) and logits."""
 
     def __init__(self, probs: torch.Tensor):
+        probs = probs.clone()
+        probs[:, [PAD_ID, SOS_ID]] = 0.0  # the searches renormalise over the words they can emit
         self.table = torch.log(probs / probs.sum(1, keepdim=True))
         self.decoder = self
 
@@ -135,7 +137,9 @@ def test_back_pointers_give_each_output_its_own_attention_and_score(beam_size):
         tgt_in = torch.tensor([[SOS_ID, *hyp.tokens]])
         with torch.no_grad():
             attentional, weights = model(src[b : b + 1, : src_len[b]], src_len[b : b + 1], tgt_in)
-            log_probs = torch.log_softmax(model.logits(attentional[0]), dim=-1)
+            logits = model.logits(attentional[0])
+            logits[:, [PAD_ID, SOS_ID]] = float("-inf")
+            log_probs = torch.log_softmax(logits, dim=-1)
         log_p = float(log_probs[torch.arange(len(hyp.tokens) + 1), torch.tensor([*hyp.tokens, EOS_ID])].sum())
         penalty = 1.0 if beam_size == 1 else length_penalty(len(hyp.tokens) + 1, 1.0)
         assert np.allclose(hyp.attention, weights[0, : len(hyp.tokens)].numpy(), atol=1e-5)
@@ -156,6 +160,7 @@ def test_translations_do_not_depend_on_batch_composition(beam_size):
 @pytest.mark.parametrize("beam_size", [1, 2, 4])
 def test_pad_and_sos_are_never_emitted_even_when_most_likely(beam_size):
     table = bigram(8, {row: {PAD_ID: 0.5, SOS_ID: 0.3, 4: 0.1, 5: 0.05, EOS_ID: 0.05} for row in range(8)})
+    table.table[:, [PAD_ID, SOS_ID]] = torch.log(torch.tensor([0.5, 0.3]))  # most of the mass
     real = make_model(tgt_vocab=8)
     with torch.no_grad():
         real.generator.bias[[PAD_ID, SOS_ID]] += 50.0

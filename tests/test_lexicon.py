@@ -1,0 +1,97 @@
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.data import ParallelData
+from pipeline.decode import Translator, beam_search, replace_unknowns
+from pipeline.lexicon import Lexicon, build_lexicon
+from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK_ID, Tokenizer, Vocab
+from tests.test_model import make_model, source_batch
+
+
+class DiagonalAttention(torch.nn.Module):
+    """Target word t attends to source word t (the last one past the end): known alignments."""
+
+    def forward(self, src, src_len, tgt_in):
+        positions = torch.arange(tgt_in.size(1)).unsqueeze(0).clamp(max=src_len.unsqueeze(1) - 1)
+        weights = torch.nn.functional.one_hot(positions, src.size(1)).float()
+        return None, weights
+
+
+def parallel(pairs: list[tuple[str, str]]) -> ParallelData:
+    frame = pd.DataFrame({"src_tokens": [s for s, _ in pairs], "tgt_tokens": [t for _, t in pairs]})
+    src_vocab = Vocab(sorted({w for s, _ in pairs for w in s.split()}))
+    tgt_vocab = Vocab(sorted({w for _, t in pairs for w in t.split()}))
+    return ParallelData(frame, src_vocab, tgt_vocab)
+
+
+def test_each_source_word_keeps_its_most_frequently_aligned_target_words():
+    data = parallel([("naomi went", "Noemí fue"), ("naomi came", "Noemí vino"), ("naomi went", "ella fue")])
+    lexicon = build_lexicon(DiagonalAttention(), data)
+    assert lexicon.translations == {"naomi": ["Noemí", "ella"], "went": ["fue"], "came": ["vino"]}
+    assert lexicon.best("naomi") == "Noemí" and lexicon.best("ruth") is None
+
+
+def test_build_lexicon_runs_on_the_real_model_and_leaves_it_as_it_was():
+    data = parallel([("a b c", "x y"), ("b c", "y z w"), ("c", "w")])
+    model = make_model(src_vocab=len(data.frame) + 10, tgt_vocab=12).train()
+    lexicon = build_lexicon(model, data, per_word=2)
+    assert model.training
+    assert set(lexicon.translations) <= {"a", "b", "c"}
+    assert all(1 <= len(t) <= 2 and set(t) <= {"x", "y", "z", "w"} for t in lexicon.translations.values())
+
+
+def test_the_lexicon_survives_a_weights_only_checkpoint(tmp_path):
+    lexicon = Lexicon({"naomi": ["Noemí", "ella"], "went": ["fue"]}, per_word=10, frequent=50)
+    torch.save({"lexicon": lexicon.to_dict()}, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert Lexicon.from_dict(loaded["lexicon"]) == lexicon
+
+
+def test_a_shortlist_holds_the_batchs_translations_the_frequent_words_unk_and_eos():
+    tgt_vocab = Vocab(["de", "y", "Noemí", "fue", "vino", "casa"])  # ranked by frequency
+    lexicon = Lexicon({"naomi": ["Noemí", "Rut", "ella"], "went": ["fue"], "came": ["vino"]}, frequent=2)
+    ids = lexicon.shortlist([["naomi", "went"]], tgt_vocab).tolist()
+    expected = {UNK_ID, EOS_ID, tgt_vocab.stoi["de"], tgt_vocab.stoi["y"], tgt_vocab.stoi["Noemí"], tgt_vocab.stoi["fue"]}
+    assert set(ids) == expected and ids == sorted(ids)
+    assert PAD_ID not in ids and SOS_ID not in ids
+
+
+def test_a_shortlist_of_every_word_decodes_as_the_full_vocabulary():
+    model = make_model(tgt_vocab=10)
+    src, src_len = source_batch()
+    full = beam_search(model, src, src_len, beam_size=3)
+    everything = beam_search(model, src, src_len, beam_size=3, shortlist=torch.arange(10))
+    assert [h.tokens for h in full] == [h.tokens for h in everything]
+    assert [h.score for h in full] == pytest.approx([h.score for h in everything], abs=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decoding_with_a_shortlist_emits_only_its_words(beam_size):
+    model = make_model(tgt_vocab=12)
+    src, src_len = source_batch()
+    allowed = {UNK_ID, EOS_ID, 5, 7}
+    for hyp in beam_search(model, src, src_len, beam_size=beam_size, shortlist=torch.tensor([5, 7])):
+        assert set(hyp.tokens) <= allowed
+
+
+def test_unknown_words_are_translated_by_the_dictionary_where_it_has_the_word():
+    attention = torch.tensor([[0.9, 0.1], [0.2, 0.8]]).numpy()
+    source = ["Naomi", "Xyz"]
+    assert replace_unknowns(["<unk>", "<unk>"], attention, source, ["Noemí", None]) == ["Noemí", "Xyz"]
+
+
+def test_a_translator_uses_its_lexicon_only_when_asked():
+    model = make_model(src_vocab=12, tgt_vocab=10)
+    src_vocab, tgt_vocab = Vocab(["a", "b", "c", "d"]), Vocab(["u", "v", "w", "x", "y", "z"])
+    plain = Translator(model, Tokenizer("en", True), Tokenizer("es", False), src_vocab, tgt_vocab)
+    with pytest.raises(ValueError, match="lexicon"):
+        plain.translate_tokens([["a"]], shortlist=True)
+    lexicon = Lexicon({w: ["u"] for w in "abcd"}, frequent=0)
+    with_lexicon = Translator(model, Tokenizer("en", True), Tokenizer("es", False), src_vocab, tgt_vocab,
+                              lexicon=lexicon)
+    sentences = [["a", "b"], ["c", "d", "a"]]
+    assert [w for w, _ in with_lexicon.translate_tokens(sentences, beam_size=2)] == \
+        [w for w, _ in plain.translate_tokens(sentences, beam_size=2)]
+    for words, _ in with_lexicon.translate_tokens(sentences, beam_size=2, shortlist=True, unk_dictionary=True):
+        assert set(words) <= {"u", "<unk>"} | set(sentences[0] + sentences[1])  # an <unk> copies its source word
