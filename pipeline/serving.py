@@ -15,9 +15,17 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import mlflow.pyfunc
 
@@ -250,6 +258,61 @@ def _load_registered(uri: str, model_name: str) -> TranslatorModel:
 def load_checkpoint(model_file: str | Path, params: Params) -> TranslatorModel:
     """The same translator as the logged model, straight from a model.pt file."""
     return TranslatorModel().configure(model_file, model_config(params))
+
+
+@contextmanager
+def running_server(model_uri: str, cwd: str | Path | None = None, workers: int = 1,
+                   start_timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`mlflow models serve` on 127.0.0.1 (a free port, the current environment), for tests and
+    benchmarks: yields (base URL, process) once /ping answers; always stops the whole process group."""
+    import requests
+
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+               "local", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server
+    server = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # its own group: mlflow runs uvicorn as a child
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not _answers(requests, f"{url}/ping"):
+            if server.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"mlflow models serve exited with {server.returncode}: {log.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mlflow models serve did not answer within {start_timeout} s")
+            time.sleep(0.5)
+        yield url, server
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(requests, url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM the group, then SIGKILL whatever is still there."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(server.pid, sig)
+            server.wait(timeout=wait)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def log_translator(model_file: Path, params: Params) -> ModelInfo:

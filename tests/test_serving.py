@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,7 +13,8 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException
 
-from pipeline.serving import Limits, RequestError, check_beam_size, check_texts, plan_request, split_sentences
+from pipeline.serving import (Limits, RequestError, check_beam_size, check_texts, plan_request, running_server,
+                              split_sentences)
 from tests.conftest import ADJECTIVES, NOUNS, REPO, VERBS
 
 CHAMPION = "models:/vamos-en-es@champion"
@@ -161,46 +159,6 @@ def test_the_registered_model_runs_on_its_bundled_code_in_a_clean_process(traine
 
 # --- a real server ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, cwd: Path, timeout: float = 180) -> subprocess.Popen:
-    """`mlflow models serve` on the champion, in its own process group; returns once /ping answers."""
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", CHAMPION,
-               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited with {server.returncode}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                return server
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise TimeoutError(f"mlflow models serve did not answer within {timeout} s")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    """SIGTERM the whole group (mlflow starts uvicorn as a child), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 BAD_REQUESTS = {
     "null": ({"inputs": [None]}, "NoneType"),
     "number": ({"inputs": [42]}, "got int"),
@@ -213,10 +171,8 @@ BAD_REQUESTS = {
 
 @pytest.mark.slow
 def test_rest_server_answers_bad_requests_with_4xx_and_stays_healthy(trained_copy, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/invocations"
-    server = start_server(port, cwd=tmp_path)
-    try:
+    with running_server(CHAMPION, cwd=tmp_path, start_timeout=180) as (base, server):
+        url = f"{base}/invocations"
         first = requests.post(url, json={"inputs": ["The red dog sleeps.", ""]}, timeout=60)
         assert first.status_code == 200, first.text
         translation, blank = first.json()["predictions"]
@@ -229,8 +185,7 @@ def test_rest_server_answers_bad_requests_with_4xx_and_stays_healthy(trained_cop
 
         again = requests.post(url, json={"inputs": ["The old king eats."], "params": {"beam_size": 1}}, timeout=60)
         assert again.status_code == 200 and speaks_spanish(again.json()["predictions"][0])
-    finally:
-        stop_server(server)
+    assert server.poll() is not None  # stopped with the context
 
 
 def assert_clean_refusal(response: requests.Response, expected: str, name: str) -> None:
