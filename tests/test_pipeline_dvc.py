@@ -75,3 +75,17 @@ def test_new_incoming_data_retrains(tmp_path, mlflow_store):
     assert int(MlflowClient().get_model_version_by_alias("vamos-en-es", "champion").version) >= 1
     versions = MlflowClient().search_model_versions("name='vamos-en-es'")
     assert len(versions) == 2
+
+
+def test_a_temp_experiment_logs_to_the_workspace_store(tmp_path, monkeypatch):
+    """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps/ without the git-ignored mlflow.db:
+    the training run must still land in the workspace's store, tagged with the experiment's name."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store
+    repo = make_dvc_repo(tmp_path / "repo")
+    result = run([*DVC, "exp", "run", "--temp", "-n", "tiny-lr", "-S", "train.lr=0.02"], repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vamos").experiment_id])
+    assert [r.data.params.get("train.lr") for r in runs] == ["0.02"]
+    assert client.search_model_versions(f"run_id='{runs[0].info.run_id}'")  # register ran there too
+    assert runs[0].data.tags.get("dvc.experiment") == "tiny-lr"  # train.py: tracking.experiment_name()
