@@ -231,7 +231,7 @@ def model_uri(spec: str, model_name: str) -> str:
 
 def open_translator(spec: str, params: Params) -> TranslatorModel:
     """The translator that `spec` names: a model.pt file, or a model in the MLflow registry."""
-    if spec.endswith(".pt") or Path(spec).is_file():
+    if spec.endswith(".pt"):
         if not Path(spec).is_file():
             raise ModelNotFound(f"no such model file: {spec}")
         return load_checkpoint(spec, params)
