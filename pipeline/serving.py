@@ -32,7 +32,7 @@ import mlflow.pyfunc
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
-    from pipeline.config import Params, ServeParams
+    from pipeline.config import Params
 
 CHECKPOINT = "checkpoint"
 MODEL_NAME_IN_RUN = "translator"
@@ -52,10 +52,6 @@ class Limits:
     max_sentences: int
     max_sentence_tokens: int
 
-    @classmethod
-    def from_params(cls, serve: ServeParams) -> "Limits":
-        return cls(serve.max_sentences, serve.max_sentence_tokens)
-
 
 def model_config(params: Params) -> dict[str, Any]:
     """What the logged model reads at load time: search settings and limits (plain JSON)."""
@@ -73,7 +69,7 @@ def check_beam_size(value: Any) -> int:
 
 
 def check_texts(inputs: list) -> list[str]:
-    for i, text in enumerate(inputs):
+    for i, text in enumerate(inputs, start=1):  # counted from 1, as people count lines
         if not isinstance(text, str):
             raise RequestError(f"input {i} is {_describe(text)}, not a string: send one text per item")
     return inputs
@@ -303,16 +299,21 @@ def _answers(requests, url: str) -> bool:
 
 
 def _stop(server: subprocess.Popen) -> None:
-    """SIGTERM the group, then SIGKILL whatever is still there."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(server.pid, sig)
-            server.wait(timeout=wait)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the group, give it time to shut down, then SIGKILL whatever of it is left."""
+    _signal_group(server, signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(server, signal.SIGKILL)  # uvicorn may outlive the mlflow command that started it
+    server.wait(timeout=5)
+
+
+def _signal_group(server: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(server.pid, sig)
+    except ProcessLookupError:  # the whole group is already gone
+        pass
 
 
 def log_translator(model_file: Path, params: Params) -> ModelInfo:

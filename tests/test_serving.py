@@ -41,7 +41,7 @@ def test_beam_sizes_out_of_range_or_not_integers_are_refused(beam):
 
 @pytest.mark.parametrize("value, named", [(None, "null"), (42, "int"), (["a"], "list")])
 def test_non_strings_are_refused_by_position(value, named):
-    with pytest.raises(RequestError, match=f"input 1 is .*{named}.*not a string"):
+    with pytest.raises(RequestError, match=f"input 2 is .*{named}.*not a string"):
         check_texts(["fine", value])
 
 
