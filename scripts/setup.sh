@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 apt_packages=(sword-text-web sword-text-sparv)   # the World English Bible and Reina-Valera 1909
+# Headless Chromium for the MLflow UI browser test (tests/test_mlflow_ui.py), driven by Playwright
+# from PyPI with executable_path=/usr/bin/chromium: never `playwright install` (no browser download).
+apt_packages+=(chromium)
 python3 -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 if ! dpkg -s "${apt_packages[@]}" >/dev/null 2>&1; then
   sudo_if_needed apt-get update -qq
