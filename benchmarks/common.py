@@ -50,6 +50,8 @@ def decoding_setup(params: Params, data_root, split: str):
 
     torch.manual_seed(params.seed)
     device = pick_device(params.train.device)
+    if device.type == "cpu" and params.train.threads:
+        torch.set_num_threads(params.train.threads)
     data_root, notes = Path(data_root), []
     if (data_root / f"{split}.parquet").exists():
         src_vocab, tgt_vocab = load_vocabs(data_root)

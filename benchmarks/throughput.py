@@ -72,13 +72,15 @@ def spread_subset(items: list, count: int) -> list:
     return [items[int(i * step)] for i in range(min(count, len(items)))]
 
 
-def time_decoding(translate, sources, device) -> tuple[float, float]:
-    """(sentences/s, mean output length in tokens) of `translate(sources)`."""
-    start = time.perf_counter()
+def time_decoding(translate, sources, device) -> tuple[float, float, float]:
+    """(sentences per second of wall time, per second of this process's CPU time, mean output
+    length in tokens) of `translate(sources)`. On a machine others share, CPU time (with one
+    thread, --set train.threads=1) still measures the work; wall time measures the wait too."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = translate(sources)
     synchronize(device)
-    seconds = time.perf_counter() - start
-    return len(sources) / seconds, sum(len(words) for words, _ in outputs) / len(outputs)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return len(sources) / wall, len(sources) / cpu, sum(len(words) for words, _ in outputs) / len(outputs)
 
 
 def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batch1_sentences: int,
@@ -101,7 +103,7 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
     for translator in variants.values():  # warm-up
         translator.translate_tokens(sources[:8], beam_size=beam, batch_size=8)
     print("| max_len_ratio | search | batch | sentences | mean source len | mean output len | "
-          + " | ".join(f"sentences/s ({i + 1})" for i in range(len(variants))) + " | load |")
+          + " | ".join(f"sentences/s ({i + 1}) wall, CPU" for i in range(len(variants))) + " | load |")
     print("|---" * (7 + len(variants)) + "|")
     for ratio in ratios:
         for search_beam in (1, beam):
@@ -110,9 +112,9 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
                 rates = []
                 for name, translator in variants.items():
                     options = {"shortlist": True} if name == "shortlist" else {}
-                    rate, out_len = time_decoding(lambda s: translator.translate_tokens(
+                    wall, cpu, out_len = time_decoding(lambda s: translator.translate_tokens(
                         s, beam_size=search_beam, batch_size=size, max_len_ratio=ratio, **options), subset, device)
-                    rates.append(f"{rate:,.1f}")
+                    rates.append(f"{wall:,.1f}, {cpu:,.1f}")
                 search = "greedy" if search_beam == 1 else f"beam {search_beam}"
                 print(f"| {ratio} | {search} | {size} | {len(subset)} | {sum(map(len, subset)) / len(subset):.1f} | "
                       f"{out_len:.1f} | {' | '.join(rates)} | {os.getloadavg()[0]:.1f} |", flush=True)

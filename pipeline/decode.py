@@ -131,8 +131,9 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len_ratio
         if len(going_on) == 0:
             break
         if len(going_on) < len(sentences):
-            memory, sentences, scores = memory.select(going_on), sentences[going_on], scores[going_on]
-        state, prev = state.select(going_on), tokens[going_on]
+            memory, state = memory.select(going_on), state.select(going_on)
+            sentences, scores = sentences[going_on], scores[going_on]
+        prev = tokens[going_on]
     return history.hypotheses(src_len)
 
 
