@@ -1,10 +1,13 @@
-"""Validation BLEU after each epoch for a setting, without MLflow or checkpoints: how defaults
-are chosen by measurement.
+"""Validation BLEU against training minutes for a setting, without MLflow or checkpoints: how
+defaults are chosen by measurement. It runs the training loop's own pieces (loader, schedule,
+loss, validation), validating every `--every` steps and at the end.
 
-    python benchmarks/quality.py --epochs 4 --set train.embedding_std=0.1
-(run it once per setting to compare)."""
+    python benchmarks/quality.py --minutes 10 --every 100 --set train.input_feeding=false
+    python benchmarks/quality.py --epochs 3 --set train.hidden_size=512
+(run the compared settings one after another on the same machine, so that its noise shows)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,27 +18,53 @@ import typer
 sys.path.insert(0, str(Path(__file__).parent))
 from common import params_with, setup  # noqa: E402
 
+from pipeline.data import ParallelData  # noqa: E402
 from pipeline.decode import Translator  # noqa: E402
-from pipeline.train import tokenizers, train_step, validation_bleu  # noqa: E402
+from pipeline.train import ValidationSet, learning_rate, planned_steps, train_step, validation_bleu  # noqa: E402
+from pipeline.text import tokenizers  # noqa: E402
 
 
-def main(epochs: int = 3, set: list[str] = typer.Option([], "--set")) -> None:
+def main(epochs: int = 3, minutes: float = 0.0, steps: int = 0, every: int = 0,
+         set: list[str] = typer.Option([], "--set")) -> None:
+    """Stops after --epochs, or earlier at --steps or --minutes of training (validation excluded)."""
     params = params_with(set)
     cfg = params.train
-    model, data, valid, src_vocab, tgt_vocab, device = setup(params)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    translator = Translator(model, *tokenizers(params), src_vocab, tgt_vocab, device)
-    print(f"setting: {' '.join(set) or 'params.yaml'} on {device}")
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        loss = tokens = 0
-        for rows in data.batches(cfg.batch_tokens, seed=params.seed + epoch - 1):
-            step_loss, step_tokens = train_step(model, optimizer, data.make_batch(rows).to(device), cfg)
-            loss, tokens = loss + step_loss, tokens + step_tokens
+    model, data, valid_frame, src_vocab, tgt_vocab, device = setup(params)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    src_tok, tgt_tok = tokenizers(params)
+    translator = Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device)
+    valid = ValidationSet.of(ParallelData(valid_frame, src_vocab, tgt_vocab), src_tok)
+    total = steps or planned_steps(cfg, data, params.seed)
+    print(f"setting: {' '.join(set) or 'params.yaml'} on {device}, {torch.get_num_threads()} threads; "
+          f"stop at {epochs} epochs, {steps or '-'} steps, {minutes or '-'} min")
+    print("| step | epoch | train min | train loss | tokens/s | valid BLEU | load |")
+    print("|---|---|---|---|---|---|---|")
+    step, seconds, loss, tokens = 0, 0.0, 0.0, 0
+
+    def report(epoch: float) -> None:
         bleu = validation_bleu(translator, valid)
-        print(f"epoch {epoch}: train loss {loss / tokens:.3f}, valid BLEU {bleu:.2f}, "
-              f"{(time.perf_counter() - start) / 60:.1f} min")
+        print(f"| {step} | {epoch:.2f} | {seconds / 60:.1f} | {loss / max(tokens, 1):.3f} | "
+              f"{tokens / max(seconds, 1e-9):,.0f} | {bleu:.2f} | {os.getloadavg()[0]:.1f} |", flush=True)
+
+    for epoch in range(epochs):
+        batches = data.epoch_batches(cfg.batch_tokens, params.seed, epoch)
+        model.train()
+        for i, rows in enumerate(batches):
+            if (steps and step >= steps) or (minutes and seconds >= minutes * 60):
+                return report(epoch + i / len(batches))
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, total, 1.0)  # plateau halvings are not simulated
+            start = time.perf_counter()
+            step_loss, step_tokens = train_step(model, optimizer, data.make_batch(rows).to(device), cfg)
+            seconds += time.perf_counter() - start
+            step, loss, tokens = step + 1, loss + step_loss, tokens + step_tokens
+            if every and step % every == 0:
+                report(epoch + (i + 1) / len(batches))
+                model.train()
+        if not every:
+            report(epoch + 1.0)
+    if every and step % every:
+        report(float(epochs))
 
 
 if __name__ == "__main__":

@@ -118,14 +118,21 @@ class TrainParams(Strict):
     tie_embeddings: bool = True
     teacher_forcing: float = Field(1.0, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    sampled_softmax: int = Field(3000, ge=0)  # negatives per batch; 0 = full softmax
+    sampled_softmax: int = Field(3000, ge=0)  # log-uniform negatives per batch, log-Q corrected; 0 = full softmax
+    input_feeding: bool = True  # feed the attentional state back (Luong); off runs the decoder LSTM in one call
     batch_tokens: int = Field(2500, ge=16)  # target tokens per batch
     lr: float = Field(3e-3, gt=0)
-    lr_decay: float = Field(0.5, gt=0, lt=1)  # factor on a valid-loss plateau
+    lr_schedule: Literal["plateau", "cosine", "linear"] = "plateau"  # cosine/linear decay to the last step
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up from 0 to lr
+    lr_decay: float = Field(0.5, gt=0, lt=1)  # plateau: factor when valid loss stops falling
     clip_grad: float = Field(1.0, gt=0)
+    average_checkpoints: int = Field(0, ge=0)  # 0: the best validation; N: the mean of the last N validated weights
     epochs: int = Field(10, ge=1)
-    patience: int = Field(3, ge=1)  # epochs without valid improvement before stopping
-    max_minutes: float = Field(40.0, gt=0)  # wall-clock budget for the training loop
+    max_steps: int | None = Field(None, ge=1)  # stop after this many updates (before `epochs` if smaller)
+    patience: int = Field(3, ge=1)  # validations without a better smoothed BLEU before stopping
+    smoothing: int = Field(3, ge=1)  # early stopping compares means of this many validation BLEUs
+    # A safety net, off by default: a wall-clock limit makes the model depend on the machine's speed.
+    max_minutes: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(200, ge=1)  # steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision on CUDA

@@ -1,4 +1,5 @@
-"""Tokenised splits as id tensors, and length-bucketed batches with a token budget."""
+"""Tokenised splits as id tensors, and length-bucketed batches with a token budget: the one loader
+that training and the benchmarks share."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,10 +34,6 @@ class Batch:
     tgt_in: torch.Tensor  # B x T   <sos> w1 .. wn
     tgt_out: torch.Tensor  # B x T   w1 .. wn <eos>
     index: np.ndarray  # rows of the split, for putting outputs back in order
-
-    @property
-    def target_tokens(self) -> int:
-        return int((self.tgt_out != PAD_ID).sum())
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.src.to(device), self.src_len.to(device), self.tgt_in.to(device),
@@ -93,3 +90,24 @@ class ParallelData:
         if rng is not None:
             rng.shuffle(groups)
         return groups
+
+    def epoch_batches(self, batch_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
+        """Epoch `epoch`'s batches (from 0): a fixed order per seed and epoch, so a resumed epoch
+        goes on at the same batch."""
+        return self.batches(batch_tokens, seed=seed + epoch)
+
+
+@dataclass
+class Corpus:
+    """What training reads from `prepare`'s output."""
+
+    train: ParallelData
+    valid: ParallelData
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+
+
+def load_corpus(root: Path = storage.PREPARED) -> Corpus:
+    src_vocab, tgt_vocab = load_vocabs(root)
+    return Corpus(ParallelData(load_split("train", root), src_vocab, tgt_vocab),
+                  ParallelData(load_split("valid", root), src_vocab, tgt_vocab), src_vocab, tgt_vocab)

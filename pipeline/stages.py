@@ -12,7 +12,7 @@ from rich.table import Table
 from pipeline import storage
 from pipeline.config import Params
 from pipeline.data import SPLITS, split_path
-from pipeline.text import Tokenizer, Vocab
+from pipeline.text import Vocab, tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def split_of(pair_id: str, valid: float, test: float) -> str:
 def prepare(params: Params) -> dict:
     cfg = params.prepare
     pairs = pd.read_parquet(storage.RAW_PAIRS)
-    src_tok, tgt_tok = Tokenizer(cfg.src_lang, cfg.lowercase_src), Tokenizer(cfg.tgt_lang, cfg.lowercase_tgt)
+    src_tok, tgt_tok = tokenizers(params)
     pairs["src_tokens"] = [" ".join(src_tok.tokenize(s)) for s in pairs["src"]]
     pairs["tgt_tokens"] = [" ".join(tgt_tok.tokenize(t)) for t in pairs["tgt"]]
     pairs["split"] = [split_of(i, cfg.split.valid, cfg.split.test) for i in pairs["id"]]

@@ -45,6 +45,13 @@ class Tokenizer:
         return self._demoses.detokenize([t for t in tokens if t not in SPECIALS or t == UNK]).replace(" @-@ ", "-")
 
 
+def tokenizers(params) -> tuple[Tokenizer, Tokenizer]:
+    """The (source, target) tokenisers of `params.prepare`: what prepare tokenised the data with,
+    so training and translation tokenise alike."""
+    cfg = params.prepare
+    return Tokenizer(cfg.src_lang, cfg.lowercase_src), Tokenizer(cfg.tgt_lang, cfg.lowercase_tgt)
+
+
 class Vocab:
     """Token <-> id, with the four specials first so their ids are fixed."""
 

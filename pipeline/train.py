@@ -1,12 +1,18 @@
-"""The training loop: teacher forcing, masked (sampled-)softmax loss, Adam, early stopping on
-validation BLEU, a wall-clock budget, and checkpoints that resume exactly after a crash."""
+"""The training loop: teacher forcing, a masked sampled-softmax loss, Adam with a learning-rate
+schedule, early stopping on smoothed validation BLEU, checkpoint averaging, and checkpoints that
+resume exactly after a crash.
+
+Training stops after `epochs` or `max_steps` updates, so the same seed and data give the same
+weights on every run; `max_minutes` is only a safety net, and says so loudly when it fires."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import random
 import resource
 import shutil
 import time
@@ -22,12 +28,14 @@ from tqdm.auto import tqdm
 
 from pipeline import storage
 from pipeline.config import Params, TrainParams
-from pipeline.data import ParallelData, load_split, load_vocabs
+from pipeline.data import Corpus, ParallelData, load_corpus
 from pipeline.decode import Translator
 from pipeline.embeddings import embedding_matrix
 from pipeline.model import ModelConfig, Seq2Seq, save_model
-from pipeline.text import PAD_ID, Tokenizer
+from pipeline.text import PAD_ID, SOS_ID, Tokenizer, tokenizers
 from pipeline.tracking import dvc_hashes, flatten, git_commit, mlflow_setup
+
+__all__ = ["pick_device", "sequence_loss", "train_step", "train", "tokenizers", "initial_model"]
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +48,63 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+# Never a target, so never a sampled candidate: they join every candidate set instead (inclusion
+# probability 1, no correction), which teaches the model to keep their logits low.
+ALWAYS_NEGATIVE = (PAD_ID, SOS_ID)
+
+
+@functools.lru_cache(maxsize=4)
+def log_uniform(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Zipf's law over ids, P(k) ∝ log((k + 2) / (k + 1)) (TF's log_uniform_candidate_sampler): the
+    vocabulary is sorted by frequency, so this approximates the unigram distribution without counts."""
+    probs = torch.log1p(1.0 / (torch.arange(vocab_size, dtype=torch.float64) + 1.0))
+    probs[list(ALWAYS_NEGATIVE)] = 0.0
+    return (probs / probs.sum()).float().to(device)
+
+
+def sampled_logits(hidden: torch.Tensor, gold: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled softmax (Jean et al. 2015) with the log-Q correction: per position, the gold word and
+    `negatives` words drawn with replacement from log_uniform, shared by the batch. A drawn word's
+    logit loses the log of its expected count among the draws, so the draws' exp-logits sum to an
+    unbiased estimate of the rest of the softmax's normaliser. The gold word (and <pad>, <sos>) is
+    in the set with certainty and counts exactly once, uncorrected; a draw of a position's own
+    gold word is removed for that position (an accidental hit), its share being that exact term.
+    As `negatives` grows the loss tends to the full softmax's. Returns (logits N x C with the gold
+    word in column 0, mask N x C of the candidates that count)."""
+    probs = log_uniform(weight.size(0), gold.device)
+    sampled = torch.multinomial(probs, negatives, replacement=True)
+    log_expected = torch.log(probs * negatives)
+    gold_logits = (hidden * weight[gold]).sum(1) + bias[gold]
+    noise_logits = F.linear(hidden, weight[sampled], bias[sampled]) - log_expected[sampled]
+    fixed = torch.tensor(ALWAYS_NEGATIVE, device=gold.device)
+    logits = torch.cat([gold_logits.unsqueeze(1), noise_logits, F.linear(hidden, weight[fixed], bias[fixed])], 1)
+    hits = sampled.unsqueeze(0) == gold.unsqueeze(1)
+    removed = torch.cat([torch.zeros_like(hits[:, :1]), hits, torch.zeros_like(hits[:, : len(ALWAYS_NEGATIVE)])], 1)
+    return logits.float().masked_fill(removed, float("-inf")), ~removed
+
+
 def sequence_loss(model: Seq2Seq, attentional: torch.Tensor, targets: torch.Tensor, negatives: int,
                   label_smoothing: float) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over real (non-pad) target positions, all time steps at once.
-
-    In training with `negatives` > 0 the softmax runs over the batch's own target words plus
-    that many random ones (sampled softmax), which is most of the saving on a CPU; evaluation
-    always uses the full vocabulary."""
+    """Summed cross-entropy over real (non-pad) target positions, all time steps at once: sampled
+    softmax in training when 0 < `negatives` < vocabulary (most of the saving on a CPU), else and in
+    evaluation the full softmax."""
     mask = targets != PAD_ID
     hidden, gold = attentional[mask], targets[mask]
     weight, bias = model.generator.weight, model.generator.bias
-    vocab = weight.size(0)
-    if model.training and 0 < negatives < vocab:
-        noise = torch.randint(4, vocab, (negatives,), device=gold.device)
-        candidates = torch.unique(torch.cat([gold, noise]))
-        lookup = torch.full((vocab,), -1, dtype=torch.long, device=gold.device)
-        lookup[candidates] = torch.arange(candidates.numel(), device=gold.device)
-        logits = F.linear(hidden, weight[candidates], bias[candidates])
-        gold = lookup[gold]
-    else:
-        logits = F.linear(hidden, weight, bias)
-    loss = F.cross_entropy(logits.float(), gold, reduction="sum", label_smoothing=label_smoothing)
-    return loss, int(gold.numel())
+    if not (model.training and 0 < negatives < weight.size(0)):
+        logits = F.linear(hidden, weight, bias).float()
+        return F.cross_entropy(logits, gold, reduction="sum", label_smoothing=label_smoothing), int(gold.numel())
+    logits, kept = sampled_logits(hidden, gold, weight, bias, negatives)
+    log_probs = logits.log_softmax(1)
+    loss = -log_probs[:, 0]
+    if label_smoothing:  # spread over the candidates, as the full softmax spreads it over the vocabulary
+        uniform = -log_probs.masked_fill(~kept, 0.0).sum(1) / kept.sum(1)
+        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
+    return loss.sum(), int(gold.numel())
 
 
 def autocast(cfg: TrainParams, device: torch.device):
@@ -81,6 +124,62 @@ def train_step(model: Seq2Seq, optimizer, batch, cfg: TrainParams) -> tuple[floa
     return loss.item(), tokens
 
 
+# ---------------------------------------------------------------------------------------------
+# Learning rate and stopping
+
+def learning_rate(cfg: TrainParams, step: int, total_steps: int, plateau_scale: float) -> float:
+    """The rate for update `step` (from 0): linear warm-up, then the plateau halvings so far, or a
+    cosine/linear decay that reaches 0 at the last planned step."""
+    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "plateau":
+        return cfg.lr * warmup * plateau_scale
+    done = min(max(step - cfg.warmup_steps, 0) / max(total_steps - cfg.warmup_steps, 1), 1.0)
+    decay = 0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1.0 - done
+    return cfg.lr * warmup * decay
+
+
+def planned_steps(cfg: TrainParams, data: ParallelData, seed: int) -> int:
+    """The last step a decaying schedule aims at: every epoch's batches, or max_steps if fewer."""
+    total = sum(len(data.epoch_batches(cfg.batch_tokens, seed, e)) for e in range(cfg.epochs))
+    return min(total, cfg.max_steps or total)
+
+
+def smoothed(scores: list[float], window: int) -> list[float]:
+    return [float(np.mean(scores[max(0, i - window + 1): i + 1])) for i in range(len(scores))]
+
+
+def should_stop_early(scores: list[float], patience: int, window: int) -> bool:
+    """Stop when the mean of the last `window` validation BLEUs has not beaten its best for
+    `patience` validations. Greedy BLEU on ~300 verses dips by a point or two for one epoch while
+    still rising (one run dipped at epoch 4, another at 8): a raw-score patience of 2 stops on
+    two such dips in a row, whereas the mean of 3 keeps rising as long as each new score beats
+    the one it replaces, i.e. while the trend three epochs back is still up."""
+    means = smoothed(scores, window)
+    if not means:
+        return False
+    best = int(np.argmax(means))  # the first of equal maxima: a flat mean is no improvement
+    return len(means) - 1 - best >= patience
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+@dataclass
+class ValidationSet:
+    """The validation split tokenised once, for BLEU after every epoch."""
+
+    data: ParallelData
+    sources: list[list[str]]
+    originals: list[list[str]]  # cased tokens, for unknown-word copying
+    references: list[str]
+
+    @classmethod
+    def of(cls, data: ParallelData, src_tok: Tokenizer) -> "ValidationSet":
+        frame = data.frame
+        return cls(data, [s.split() for s in frame["src_tokens"]],
+                   [src_tok.tokenize_cased(s) for s in frame["src"]], frame["tgt"].tolist())
+
+
 @torch.no_grad()
 def validation_loss(model: Seq2Seq, data: ParallelData, batch_tokens: int, device: torch.device) -> float:
     model.eval()
@@ -93,70 +192,113 @@ def validation_loss(model: Seq2Seq, data: ParallelData, batch_tokens: int, devic
     return total / max(tokens, 1)
 
 
-def validation_bleu(translator: Translator, frame: pd.DataFrame) -> float:
+def validation_bleu(translator: Translator, valid: ValidationSet) -> float:
     """Greedy BLEU on the validation split: cheap enough to run every epoch, and it is what
     a translator is judged by, so it picks the model and stops training."""
     translator.model.eval()
-    sources = [s.split() for s in frame["src_tokens"]]
-    originals = [translator.src_tok.tokenize_cased(s) for s in frame["src"]]
-    outputs = translator.translate_tokens(sources, beam_size=1, originals=originals)
+    outputs = translator.translate_tokens(valid.sources, beam_size=1, originals=valid.originals)
     hypotheses = [translator.tgt_tok.detokenize(words) for words, _ in outputs]
-    return sacrebleu.corpus_bleu(hypotheses, [frame["tgt"].tolist()]).score
+    return sacrebleu.corpus_bleu(hypotheses, [valid.references]).score
 
 
-# Stopping criteria do not change what training computes, so raising them resumes the same
-# training (`dvc exp run -S train.epochs=20` continues from the last checkpoint).
-STOPPING_PARAMS = {"epochs", "patience", "max_minutes", "checkpoint_every"}
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+# Params that only decide when training stops or how fast it runs: changing them continues the
+# same training (`dvc exp run -S train.epochs=20` resumes from the last checkpoint). `device` is
+# not among them: CUDA kernels give other numbers than the CPU's. `threads` is, although another
+# thread count sums in another order (last-bit differences): a resume may use other threads, and
+# bit-identical runs need the same count (the default, all cores, on the same kind of machine).
+NOT_IN_FINGERPRINT = {"epochs", "max_steps", "patience", "smoothing", "max_minutes", "checkpoint_every", "threads"}
+# Everything `train` runs that can change what it computes (decode.py: validation BLEU picks the model).
+CODE = ["train.py", "data.py", "text.py", "embeddings.py", "decode.py", "model/*.py"]
 
 
-def fingerprint(params: Params, paths: list[Path]) -> str:
-    """Which training a checkpoint belongs to: the train params, the seed and the input files."""
-    train = params.train.model_dump(exclude=STOPPING_PARAMS)
+def fingerprint(params: Params, inputs: list[Path]) -> str:
+    """Which training a checkpoint belongs to: the train params that change what it computes, the
+    seed, the input files and the training code."""
+    exclude = set(NOT_IN_FINGERPRINT)
+    if params.train.lr_schedule != "plateau":
+        exclude -= {"epochs", "max_steps"}  # a decaying schedule is stretched to the planned length
+    train = params.train.model_dump(exclude=exclude)
     digest = hashlib.sha1(json.dumps([params.seed, train], sort_keys=True).encode())
-    for path in sorted(paths):
+    code = Path(__file__).parent
+    sources = sorted(p for pattern in CODE for p in code.glob(pattern))
+    for path in sorted(inputs) + sources:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
 @dataclass
 class Progress:
-    """Everything besides weights that an exact resume needs."""
+    """Everything besides weights and optimizer that an exact resume needs."""
 
-    epoch: int = 0
+    epoch: int = 0  # whole epochs done
     batch: int = 0  # next batch within the epoch
     step: int = 0
-    elapsed: float = 0.0  # training seconds so far, over all resumes
+    epoch_loss: float = 0.0  # summed over the current epoch so far
+    epoch_tokens: int = 0
+    elapsed: float = 0.0  # seconds in the training loop so far, over all resumes
+    plateau_scale: float = 1.0  # lr factor from plateau halvings
+    best_valid_loss: float = math.inf
     best_bleu: float = -1.0
-    bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
     run_id: str = ""
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, progress: Progress) -> None:
-    state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "progress": progress.__dict__, "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def rng_state() -> dict:
+    """Every random generator training draws from: torch's (dropout, sampled softmax, teacher
+    forcing), CUDA's, and Python's and numpy's global ones for any library that uses them (batch
+    order uses its own seeded generator, so it needs no state)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(path: Path, model, optimizer, progress: Progress) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress.__dict__,
+             "rng": rng_state()}
     with storage.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> Progress:
+def load_checkpoint(path: Path, model, optimizer, device) -> Progress:
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"].cpu())
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    set_rng_state(state["rng"])
     return Progress(**state["progress"])
 
 
-def tokenizers(params: Params) -> tuple[Tokenizer, Tokenizer]:
-    cfg = params.prepare
-    return Tokenizer(cfg.src_lang, cfg.lowercase_src), Tokenizer(cfg.tgt_lang, cfg.lowercase_tgt)
+def keep_snapshot(run_dir: Path, model: Seq2Seq, step: int, keep: int) -> None:
+    """The weights at a validation, the last `keep` of them kept for averaging."""
+    with storage.atomic_path(run_dir / f"weights-{step:08d}.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    for old in sorted(run_dir.glob("weights-*.pt"))[:-keep]:
+        old.unlink()
 
+
+def averaged_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The mean of the kept snapshots: smoother than any one of them (Vaswani et al. average the
+    last checkpoints for the same reason)."""
+    snapshots = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(run_dir.glob("weights-*.pt"))]
+    return {name: torch.stack([s[name].float() for s in snapshots]).mean(0).to(snapshots[0][name].dtype)
+            for name in snapshots[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up and reports
 
 def initial_model(params: Params, src_vocab, tgt_vocab, embeddings: Path,
                   device: torch.device) -> tuple[Seq2Seq, float, float]:
@@ -168,7 +310,8 @@ def initial_model(params: Params, src_vocab, tgt_vocab, embeddings: Path,
     model = Seq2Seq(ModelConfig(
         src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), emb_size=src_init.size(1), hidden_size=cfg.hidden_size,
         encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers, bidirectional=cfg.bidirectional,
-        attention=cfg.attention, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings))
+        attention=cfg.attention, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
+        input_feeding=cfg.input_feeding))
     model.load_embeddings(src_init, tgt_init)
     if cfg.freeze_embeddings:
         model.freeze_embeddings()
@@ -183,7 +326,7 @@ def plot_learning_curve(history: list[dict], path: Path) -> None:
 
     frame = pd.DataFrame(history)
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(frame["epoch"], frame["train_loss"], marker="o", label="train (sampled softmax)")
+    ax_loss.plot(frame["epoch"], frame["train_loss"], marker="o", label="train")
     ax_loss.plot(frame["epoch"], frame["valid_loss"], marker="o", label="valid (full softmax)")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy per token", title="Loss")
     ax_loss.legend()
@@ -209,118 +352,244 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def start_run(mlflow, progress: Progress):
+    """The checkpoint's MLflow run, reopened (a run left RUNNING by a killed training is finished
+    by its resume), or a new one when there is none or it was deleted; returns (run, is_new)."""
+    from mlflow.exceptions import MlflowException
+
+    if progress.run_id:
+        try:
+            alive = mlflow.MlflowClient().get_run(progress.run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            alive = False
+        if alive:
+            return mlflow.start_run(run_id=progress.run_id, log_system_metrics=True), False
+        log.warning("the checkpoint's MLflow run %s no longer exists: logging to a new run", progress.run_id)
+    return mlflow.start_run(log_system_metrics=True), True
+
+
+def log_run_start(mlflow, params: Params, progress: Progress, continues: str, coverage: tuple[float, float],
+                  reports: Path, prepared: Path, embeddings: Path, device: torch.device) -> None:
+    mlflow.log_params(flatten(params.model_dump(by_alias=True, exclude={"ingest"})))
+    mlflow.log_params({"embedding_coverage.src": round(coverage[0], 4), "embedding_coverage.tgt": round(coverage[1], 4)})
+    log_data_reports(mlflow, reports)
+    hashes = dvc_hashes()
+    mlflow.set_tags({"git_commit": git_commit(), "dvc.prepared_md5": hashes.get(str(prepared), "unknown"),
+                     "dvc.embeddings_md5": hashes.get(str(embeddings), "unknown"), "device": str(device)})
+    if progress.step:  # a checkpoint whose run was deleted: say where this one takes over
+        mlflow.set_tags({"resumed_from_step": progress.step, "continues_run": continues})
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+@dataclass
+class Trainer:
+    """The pieces of one training, so that the loop below reads as the algorithm."""
+
+    params: Params
+    model: Seq2Seq
+    optimizer: torch.optim.Optimizer
+    corpus: Corpus
+    valid: ValidationSet
+    translator: Translator
+    progress: Progress
+    run_dir: Path
+    device: torch.device
+    total_steps: int
+    mlflow: object
+    tokens_per_sec: float = 0.0  # of the last stretch of updates
+
+    @property
+    def cfg(self) -> TrainParams:
+        return self.params.train
+
+    def time_is_up(self) -> bool:
+        return self.cfg.max_minutes is not None and self.progress.elapsed >= self.cfg.max_minutes * 60
+
+    def stop_reason(self) -> str | None:
+        cfg, progress = self.cfg, self.progress
+        if self.time_is_up():
+            return "time_budget"
+        if cfg.max_steps is not None and progress.step >= cfg.max_steps:
+            return "max_steps"
+        if progress.epoch >= cfg.epochs:
+            return "epochs"
+        whole_epochs = [h["valid_bleu"] for h in progress.history if h["whole_epoch"]]
+        if should_stop_early(whole_epochs, cfg.patience, cfg.smoothing):
+            return "early_stopping"
+        return None
+
+    def train_epoch(self, batches: list[np.ndarray], started: float) -> float:
+        """Updates from the saved position to the end of the epoch, or until max_steps or the time
+        budget; returns the seconds spent."""
+        cfg, progress, data = self.cfg, self.progress, self.corpus.train
+        self.model.train()
+        epoch_start, tokens_here = time.monotonic(), 0
+        bar = tqdm(total=len(batches), initial=progress.batch, unit="batch", mininterval=5.0,
+                   desc=f"epoch {progress.epoch + 1}/{cfg.epochs}")
+        for rows in batches[progress.batch:]:
+            if (cfg.max_steps is not None and progress.step >= cfg.max_steps) or self.time_is_up():
+                break
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, progress.step, self.total_steps, progress.plateau_scale)
+            loss, tokens = train_step(self.model, self.optimizer, data.make_batch(rows).to(self.device), cfg)
+            progress.step, progress.batch = progress.step + 1, progress.batch + 1
+            progress.epoch_loss, progress.epoch_tokens = progress.epoch_loss + loss, progress.epoch_tokens + tokens
+            progress.elapsed = time.monotonic() - started
+            tokens_here += tokens
+            bar.update(1)
+            if progress.step % 20 == 0:
+                rate = tokens_here / max(time.monotonic() - epoch_start, 1e-9)
+                bar.set_postfix(loss=f"{progress.epoch_loss / progress.epoch_tokens:.3f}", tok_s=f"{rate:,.0f}")
+            if progress.step % cfg.checkpoint_every == 0:
+                save_checkpoint(self.run_dir / "last.pt", self.model, self.optimizer, progress)
+        bar.close()
+        self.tokens_per_sec = tokens_here / max(time.monotonic() - epoch_start, 1e-9)
+        return time.monotonic() - epoch_start
+
+    def validate(self, batches_in_epoch: int) -> dict:
+        """Score the model now, keep the best and the snapshots, and at the end of a whole epoch
+        (never a cut one: a part of an epoch is a noisier, smaller measurement) let the plateau
+        schedule act on the validation loss."""
+        progress, cfg = self.progress, self.cfg
+        whole = progress.batch >= batches_in_epoch
+        valid_loss = validation_loss(self.model, self.corpus.valid, cfg.batch_tokens, self.device)
+        valid_bleu = validation_bleu(self.translator, self.valid)
+        record = {"epoch": round(progress.epoch + progress.batch / batches_in_epoch, 3), "step": progress.step,
+                  "whole_epoch": whole, "train_loss": progress.epoch_loss / max(progress.epoch_tokens, 1),
+                  "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50)), "valid_bleu": valid_bleu,
+                  "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_sec": self.tokens_per_sec}
+        progress.history.append(record)
+        self.mlflow.log_metrics({k: v for k, v in record.items() if k not in ("step", "whole_epoch")},
+                               step=progress.step)
+        log.info("epoch %.2f (step %d): train loss %.3f, valid loss %.3f, valid BLEU %.2f, %.0f tok/s, lr %.2g",
+                 record["epoch"], progress.step, record["train_loss"], valid_loss, valid_bleu,
+                 record["tokens_per_sec"], record["lr"])
+        if valid_bleu > progress.best_bleu:
+            progress.best_bleu = valid_bleu
+            save_model(self.run_dir / "best.pt", self.model, self.corpus.src_vocab, self.corpus.tgt_vocab,
+                       *self.translator_tokenizers)
+        if cfg.average_checkpoints:
+            keep_snapshot(self.run_dir, self.model, progress.step, cfg.average_checkpoints)
+        if whole:
+            if valid_loss < progress.best_valid_loss:
+                progress.best_valid_loss = valid_loss
+            else:  # halve the rate once validation loss stops falling
+                progress.plateau_scale *= cfg.lr_decay
+            progress.epoch, progress.batch, progress.epoch_loss, progress.epoch_tokens = progress.epoch + 1, 0, 0.0, 0
+        save_checkpoint(self.run_dir / "last.pt", self.model, self.optimizer, progress)
+        return record
+
+    @property
+    def translator_tokenizers(self) -> tuple[Tokenizer, Tokenizer]:
+        return self.translator.src_tok, self.translator.tgt_tok
+
+    def run(self) -> str:
+        """Train until a stopping rule holds; every stretch of updates ends with a validation, so
+        a killed run that resumes after its last update still validates it."""
+        started = time.monotonic() - self.progress.elapsed
+        while True:
+            batches = self.corpus.train.epoch_batches(self.cfg.batch_tokens, self.params.seed, self.progress.epoch)
+            validated = bool(self.progress.history) and self.progress.history[-1]["step"] == self.progress.step
+            reason = self.stop_reason()
+            if reason and validated:
+                return reason
+            if not reason:
+                self.train_epoch(batches, started)
+            self.validate(len(batches))
+            self.progress.elapsed = time.monotonic() - started
+
+    def final_model(self, path: Path) -> float | None:
+        """Write the model that evaluate and register see: the best validation, or the average of
+        the last snapshots (then scored on validation too, returned)."""
+        if not self.cfg.average_checkpoints:
+            with storage.atomic_path(path) as tmp:
+                shutil.copyfile(self.run_dir / "best.pt", tmp)
+            return None
+        self.model.load_state_dict(averaged_weights(self.run_dir))  # training is over; last.pt keeps its state
+        save_model(path, self.model, self.corpus.src_vocab, self.corpus.tgt_vocab, *self.translator_tokenizers)
+        return validation_bleu(self.translator, self.valid)
+
+
 def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = storage.EMBEDDINGS,
           out_dir: Path = storage.SEQ2SEQ, reports: Path = storage.REPORTS,
           checkpoints: Path = storage.CHECKPOINTS) -> dict:
     cfg = params.train
     torch.manual_seed(params.seed)
+    random.seed(params.seed)
+    np.random.seed(params.seed)
     device = pick_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    src_vocab, tgt_vocab = load_vocabs(prepared)
-    train_data = ParallelData(load_split("train", prepared), src_vocab, tgt_vocab)
-    valid_frame = load_split("valid", prepared)
-    valid_data = ParallelData(valid_frame, src_vocab, tgt_vocab)
+    corpus = load_corpus(prepared)
     src_tok, tgt_tok = tokenizers(params)
-    model, src_cov, tgt_cov = initial_model(params, src_vocab, tgt_vocab, embeddings, device)
+    model, src_cov, tgt_cov = initial_model(params, corpus.src_vocab, corpus.tgt_vocab, embeddings, device)
     log.info("model: %s parameters; embedding coverage src %.1f%%, tgt %.1f%%",
              f"{sum(p.numel() for p in model.parameters()):,}", 100 * src_cov, 100 * tgt_cov)
-
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_decay, patience=0)
     inputs = [prepared / f for f in ("train.parquet", "valid.parquet", "vocab.src.json", "vocab.tgt.json")]
-    code = Path(__file__).parent
-    sources = [code / "train.py", code / "data.py", *sorted((code / "model").glob("*.py"))]
-    run_dir = checkpoints / fingerprint(params, inputs + sorted(embeddings.glob("*.w2v")) + sources)
-    checkpoint, best_model = run_dir / "last.pt", run_dir / "best.pt"
+    run_dir = checkpoints / fingerprint(params, inputs + sorted(embeddings.glob("*.w2v")))
     progress = Progress()
-    if checkpoint.exists():
-        progress = load_checkpoint(checkpoint, model, optimizer, scheduler, device)
-        log.info("resuming from %s: epoch %d, batch %d, step %d", checkpoint, progress.epoch + 1,
+    if (run_dir / "last.pt").exists():
+        progress = load_checkpoint(run_dir / "last.pt", model, optimizer, device)
+        log.info("resuming from %s: epoch %d, batch %d, step %d", run_dir / "last.pt", progress.epoch + 1,
                  progress.batch, progress.step)
 
     mlflow = mlflow_setup(params.registry.experiment)
-    run = mlflow.start_run(run_id=progress.run_id or None, log_system_metrics=True)
-    progress.run_id = run.info.run_id
-    if progress.step == 0:
-        mlflow.log_params(flatten(params.model_dump(by_alias=True, exclude={"ingest"})))
-        mlflow.log_params({"embedding_coverage.src": round(src_cov, 4), "embedding_coverage.tgt": round(tgt_cov, 4)})
-        log_data_reports(mlflow, reports)
-        hashes = dvc_hashes()
-        mlflow.set_tags({"git_commit": git_commit(), "dvc.prepared_md5": hashes.get(str(prepared), "unknown"),
-                         "dvc.embeddings_md5": hashes.get(str(embeddings), "unknown"), "device": str(device)})
-    storage.write_json(out_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+    run, is_new = start_run(mlflow, progress)
+    previous_run, progress.run_id = progress.run_id, run.info.run_id
+    try:
+        if is_new:
+            log_run_start(mlflow, params, progress, previous_run, (src_cov, tgt_cov), reports, prepared, embeddings,
+                          device)
+        storage.write_json(out_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+        trainer = Trainer(params, model, optimizer, corpus, ValidationSet.of(corpus.valid, src_tok),
+                          Translator(model, src_tok, tgt_tok, corpus.src_vocab, corpus.tgt_vocab, device), progress,
+                          run_dir, device, planned_steps(cfg, corpus.train, params.seed), mlflow)
+        stop_reason = trainer.run()
+        averaged_bleu = trainer.final_model(out_dir / "model.pt")
+        summary = write_reports(trainer, stop_reason, averaged_bleu, (src_cov, tgt_cov), reports)
+    except BaseException:
+        mlflow.end_run("FAILED")  # a later `vamos train` resumes it from the checkpoint
+        raise
+    mlflow.end_run()
+    return summary
 
-    translator = Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device)
-    budget = cfg.max_minutes * 60
-    started = time.monotonic() - progress.elapsed
-    while progress.epoch < cfg.epochs and progress.bad_epochs < cfg.patience and progress.elapsed < budget:
-        batches = train_data.batches(cfg.batch_tokens, seed=params.seed + progress.epoch)
-        model.train()
-        epoch_loss, epoch_tokens, epoch_start = 0.0, 0, time.monotonic()
-        bar = tqdm(batches, initial=progress.batch, total=len(batches), unit="batch",
-                   desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", mininterval=5.0)
-        for rows in batches[progress.batch:]:
-            loss, tokens = train_step(model, optimizer, train_data.make_batch(rows).to(device), cfg)
-            progress.step += 1
-            progress.batch += 1
-            epoch_loss, epoch_tokens = epoch_loss + loss, epoch_tokens + tokens
-            bar.update(1)
-            if progress.step % 20 == 0:
-                rate = epoch_tokens / max(time.monotonic() - epoch_start, 1e-9)
-                bar.set_postfix(loss=f"{epoch_loss / epoch_tokens:.3f}", tok_s=f"{rate:,.0f}")
-            progress.elapsed = time.monotonic() - started
-            if progress.step % cfg.checkpoint_every == 0:
-                save_checkpoint(checkpoint, model, optimizer, scheduler, progress)
-            if progress.elapsed > budget:
-                break
-        bar.close()
-        train_seconds = time.monotonic() - epoch_start
-        valid_loss = validation_loss(model, valid_data, cfg.batch_tokens, device)
-        valid_bleu = validation_bleu(translator, valid_frame)
-        record = {"epoch": progress.epoch + 1, "train_loss": epoch_loss / max(epoch_tokens, 1),
-                  "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50)), "valid_bleu": valid_bleu,
-                  "lr": optimizer.param_groups[0]["lr"], "tokens_per_sec": epoch_tokens / max(train_seconds, 1e-9)}
-        progress.history.append(record)
-        mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-        log.info("epoch %d: train loss %.3f, valid loss %.3f, valid BLEU %.2f, %.0f tok/s, lr %.2g",
-                 record["epoch"], record["train_loss"], valid_loss, valid_bleu, record["tokens_per_sec"], record["lr"])
-        if valid_bleu > progress.best_bleu:
-            progress.best_bleu, progress.bad_epochs = valid_bleu, 0
-            save_model(best_model, model, src_vocab, tgt_vocab, src_tok, tgt_tok)
-        else:
-            progress.bad_epochs += 1
-        scheduler.step(valid_loss)  # halve the rate once validation loss stops falling
-        progress.epoch, progress.batch = progress.epoch + 1, 0
-        save_checkpoint(checkpoint, model, optimizer, scheduler, progress)
 
-    stop_reason = ("time_budget" if progress.elapsed >= budget else
-                   "early_stopping" if progress.bad_epochs >= cfg.patience else "epochs")
-    # The best model lives beside the checkpoint, so a resumed or re-run training still has it.
-    with storage.atomic_path(out_dir / "model.pt") as tmp:
-        shutil.copyfile(best_model, tmp)
-
+def write_reports(trainer: Trainer, stop_reason: str, averaged_bleu: float | None, coverage: tuple[float, float],
+                  reports: Path) -> dict:
+    progress, device, mlflow = trainer.progress, trainer.device, trainer.mlflow
+    batches = len(trainer.corpus.train.epoch_batches(trainer.cfg.batch_tokens, trainer.params.seed, progress.epoch))
+    machine_dependent = stop_reason == "time_budget"
+    if machine_dependent:
+        log.warning("!" * 80 + "\nTRAINING WAS STOPPED BY THE WALL-CLOCK BUDGET (train.max_minutes) after %d steps:\n"
+                    "this model depends on this machine's speed; another machine trains another model.\n"
+                    "Stop by train.epochs or train.max_steps for a reproducible result.\n" + "!" * 80, progress.step)
     summary = {
         "best_valid_bleu": progress.best_bleu,
-        "epochs": progress.epoch,
+        "averaged_valid_bleu": averaged_bleu,
+        "epochs": round(progress.epoch + progress.batch / batches, 3),
+        "epochs_completed": progress.epoch,
         "steps": progress.step,
         "train_minutes": round(progress.elapsed / 60, 2),
         "tokens_per_sec": round(float(np.mean([h["tokens_per_sec"] for h in progress.history])), 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "embedding_coverage": {"src": round(src_cov, 4), "tgt": round(tgt_cov, 4)},
+        "embedding_coverage": {"src": round(coverage[0], 4), "tgt": round(coverage[1], 4)},
         "stopped_by": stop_reason,
+        "machine_dependent": machine_dependent,
         "device": str(device),
     }
     mlflow.log_metrics({"best_valid_bleu": progress.best_bleu, "train_minutes": summary["train_minutes"],
-                        "peak_memory_mb": summary["peak_memory_mb"]})
-    mlflow.set_tag("stopped_by", stop_reason)
-    history = pd.DataFrame(progress.history)
+                        "peak_memory_mb": summary["peak_memory_mb"], "steps": progress.step})
+    if averaged_bleu is not None:
+        mlflow.log_metric("averaged_valid_bleu", averaged_bleu)
+    mlflow.set_tags({"stopped_by": stop_reason, "machine_dependent": str(machine_dependent).lower()})
     with storage.atomic_path(reports / "learning_curve.csv") as tmp:
-        history.to_csv(tmp, index=False, float_format="%.4f")
+        pd.DataFrame(progress.history).to_csv(tmp, index=False, float_format="%.4f")
     plot_learning_curve(progress.history, reports / "plots" / "learning_curve.png")
     mlflow.log_artifact(str(reports / "plots" / "learning_curve.png"), "plots")
     storage.write_json(reports / "train.json", summary)
-    mlflow.end_run()
-    log.info("training stopped by %s after %.1f minutes; best valid BLEU %.2f", stop_reason,
-             progress.elapsed / 60, progress.best_bleu)
+    log.info("training stopped by %s after %d steps (%.2f epochs, %.1f minutes); best valid BLEU %.2f", stop_reason,
+             progress.step, summary["epochs"], progress.elapsed / 60, progress.best_bleu)
     return summary

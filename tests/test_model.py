@@ -89,3 +89,63 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     assert src_vocab.itos == vocab_src.itos and tgt_tok == Tokenizer("es", False)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_sampled_softmax_tends_to_the_full_softmax():
+    """log-Q corrected draws estimate the normaliser without bias: with many draws the sampled loss
+    is the full one, for frequent and rare gold words alike (uncorrected uniform noise is not)."""
+    torch.manual_seed(0)
+    model = make_model(tie_embeddings=False).train()
+    with torch.no_grad():
+        model.generator.weight.normal_(0, 1.0)
+        model.generator.bias.normal_(0, 1.0)
+    hidden = torch.randn(1, 6, model.generator.in_features)
+    targets = torch.tensor([[4, 5, 12, 20, 24, 3]])  # frequent ids to rare ones, and <eos>
+    full, _ = sequence_loss(model.eval(), hidden, targets, negatives=0, label_smoothing=0.0)
+    model.train()
+    sampled = torch.stack([sequence_loss(model, hidden, targets, negatives=4000, label_smoothing=0.0)[0]
+                           for _ in range(5)]).mean()
+    assert sampled.item() == pytest.approx(full.item(), rel=0.02)
+
+
+def test_sampled_softmax_pushes_pad_and_sos_down():
+    model = make_model(tie_embeddings=False).train()
+    src, src_len = source_batch()
+    tgt_in = torch.tensor([[SOS_ID, 4, 5], [SOS_ID, 6, 0]])
+    tgt_out = torch.tensor([[4, 5, 3], [6, 3, 0]])
+    attentional, _ = model(src, src_len, tgt_in)
+    loss, _ = sequence_loss(model, attentional, tgt_out, negatives=5, label_smoothing=0.1)
+    assert torch.isfinite(loss)
+    loss.backward()
+    bias_grad = model.generator.bias.grad
+    assert bias_grad[0] > 0 and bias_grad[2] > 0  # gradient descent lowers <pad> and <sos>
+
+
+@pytest.mark.parametrize("attention", ["dot", "general", "bahdanau"])
+def test_decoder_without_input_feeding_runs_in_one_call_as_it_steps(attention):
+    """Teacher-forced, the one-call decoder equals the step-by-step one that greedy and beam use."""
+    model = make_model(attention, input_feeding=False, decoder_layers=2)
+    src, src_len = source_batch()
+    tgt_in = torch.tensor([[SOS_ID, 4, 5, 6], [SOS_ID, 6, 7, 0]])
+    parallel, parallel_weights = model(src, src_len, tgt_in)
+    memory, state = model.encode(src, src_len)
+    stepped = []
+    for t in range(tgt_in.size(1)):
+        attentional, state, weights = model.decoder.step(tgt_in[:, t], state, memory)
+        stepped.append(attentional)
+        assert torch.allclose(parallel_weights[:, t], weights, atol=1e-6)
+        state = state.select(torch.tensor([0, 1]))  # beam search's reordering keeps working
+    assert torch.allclose(parallel, torch.stack(stepped, 1), atol=1e-5)
+    assert model.decoder.rnn.input_size == model.config.emb_size  # no attentional state fed back
+
+
+def test_model_without_input_feeding_round_trips_and_decodes(tmp_path):
+    from pipeline.decode import greedy_search
+
+    model = make_model(input_feeding=False)
+    vocab_src, vocab_tgt = Vocab([f"s{i}" for i in range(26)]), Vocab([f"t{i}" for i in range(21)])
+    save_model(tmp_path / "m.pt", model, vocab_src, vocab_tgt, Tokenizer("en", True), Tokenizer("es", False))
+    loaded = load_model(tmp_path / "m.pt")[0]
+    assert loaded.config.input_feeding is False
+    src, src_len = source_batch()
+    assert len(greedy_search(loaded, src, src_len)) == 2

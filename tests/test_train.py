@@ -1,34 +1,62 @@
+import json
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 
-from pipeline.config import load_params
+from pipeline.config import Params, load_params
 from pipeline.stages import embed, ingest, prepare
-from pipeline.train import train
+from pipeline.train import CODE, fingerprint, learning_rate, should_stop_early, train
 from tests.conftest import make_project, small_params
 
+MODEL = "models/seq2seq/model.pt"
 
-def prepared_project(root: Path, **overrides) -> Path:
-    make_project(root, small_params(**overrides))
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Path:
+    """A tiny project up to `embed`, made once; each test trains in its own copy."""
+    root = make_project(tmp_path_factory.mktemp("train") / "base", small_params())
+    old = Path.cwd()
+    os.chdir(root)
+    try:
+        params = load_params()
+        for stage in (ingest, prepare, embed):
+            stage(params)
+    finally:
+        os.chdir(old)
     return root
 
 
-def run_until_train(root: Path, monkeypatch, **train_overrides) -> dict:
+def copy_of(embedded: Path, root: Path) -> Path:
+    shutil.copytree(embedded, root)
+    return root
+
+
+def set_train(root: Path, **overrides) -> Params:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["train"].update(overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return Params.model_validate(raw)
+
+
+def run_train(root: Path, monkeypatch, **overrides) -> dict:
+    params = set_train(root, **overrides)
     monkeypatch.chdir(root)
-    params = load_params()
-    if not Path("models/embeddings").exists():
-        for stage in (ingest, prepare, embed):
-            stage(params)
-    if train_overrides:
-        raw = yaml.safe_load(Path("params.yaml").read_text())
-        raw["train"].update(train_overrides)
-        Path("params.yaml").write_text(yaml.safe_dump(raw))
-        params = load_params()
     return train(params)
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    return torch.load(root / MODEL, weights_only=True)["state_dict"]
 
 
 def last_checkpoint(root: Path) -> dict:
@@ -36,39 +64,171 @@ def last_checkpoint(root: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def test_training_learns_and_writes_its_reports(tmp_path, monkeypatch, mlflow_store):
-    root = prepared_project(tmp_path / "p")
-    summary = run_until_train(root, monkeypatch, epochs=4, patience=4)
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def runs(uri: str):
+    return MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("vamos").experiment_id])
+
+
+def test_training_learns_and_writes_its_reports(embedded, tmp_path, monkeypatch, mlflow_store):
+    root = copy_of(embedded, tmp_path / "p")
+    summary = run_train(root, monkeypatch, epochs=4, patience=4)
     curve = pd.read_csv(root / "reports/learning_curve.csv")
-    assert list(curve["epoch"]) == [1, 2, 3, 4]
+    assert list(curve["epoch"]) == [1, 2, 3, 4] and curve["whole_epoch"].all()
     assert curve["valid_loss"].iloc[-1] < curve["valid_loss"].iloc[0]
     assert curve["train_loss"].iloc[-1] < curve["train_loss"].iloc[0]
-    assert summary["stopped_by"] == "epochs" and summary["steps"] > 0
-    assert (root / "models/seq2seq/model.pt").exists() and (root / "reports/plots/learning_curve.png").exists()
+    assert summary["stopped_by"] == "epochs" and summary["steps"] > 0 and not summary["machine_dependent"]
+    assert summary["epochs"] == summary["epochs_completed"] == 4
+    assert (root / MODEL).exists() and (root / "reports/plots/learning_curve.png").exists()
     assert 0 < summary["embedding_coverage"]["src"] <= 1
+    assert [r.info.status for r in runs(mlflow_store)] == ["FINISHED"]
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch, mlflow_store):
-    """Two epochs in one go and one epoch, then a second run that resumes, end identical."""
-    straight = prepared_project(tmp_path / "straight")
-    run_until_train(straight, monkeypatch, epochs=2)
-    resumed = prepared_project(tmp_path / "resumed")
-    first = run_until_train(resumed, monkeypatch, epochs=1)
-    second = run_until_train(resumed, monkeypatch, epochs=2)
-    assert first["epochs"] == 1 and second["epochs"] == 2
-    a, b = last_checkpoint(straight), last_checkpoint(resumed)
-    assert a["progress"]["step"] == b["progress"]["step"]
-    assert a["progress"]["history"][-1]["valid_loss"] == pytest.approx(b["progress"]["history"][-1]["valid_loss"])
-    for name, tensor in a["model"].items():
-        assert torch.allclose(tensor, b["model"][name], atol=1e-6), name
-    # The resumed training kept its MLflow run.
-    assert first is not second and (resumed / "models/seq2seq/run.json").exists()
+def test_same_seed_same_data_same_model_file(embedded, tmp_path, monkeypatch, mlflow_store):
+    """Stopped by epochs, two trainings write byte-identical model files (no clock inside)."""
+    a, b = copy_of(embedded, tmp_path / "a"), copy_of(embedded, tmp_path / "b")
+    run_train(a, monkeypatch, epochs=2)
+    run_train(b, monkeypatch, epochs=2)
+    assert (a / MODEL).read_bytes() == (b / MODEL).read_bytes()
 
 
-def test_finished_training_rerun_restores_the_best_model(tmp_path, monkeypatch, mlflow_store):
-    root = prepared_project(tmp_path / "p")
-    run_until_train(root, monkeypatch, epochs=1)
+def test_a_cut_epoch_counts_as_partial_and_raising_the_budget_continues_inside_it(
+        embedded, tmp_path, monkeypatch, mlflow_store):
+    straight = copy_of(embedded, tmp_path / "straight")
+    run_train(straight, monkeypatch, epochs=2)
+    by_steps, by_epochs = copy_of(embedded, tmp_path / "by_steps"), copy_of(embedded, tmp_path / "by_epochs")
+    cut = run_train(by_steps, monkeypatch, epochs=2, max_steps=7)  # less than one epoch: still a model
+    assert cut["stopped_by"] == "max_steps" and cut["steps"] == 7 and cut["epochs_completed"] == 0
+    assert 0 < cut["epochs"] < 1 and (by_steps / MODEL).exists()
+    history = last_checkpoint(by_steps)["progress"]["history"]
+    assert [h["whole_epoch"] for h in history] == [False]
+    resumed = run_train(by_steps, monkeypatch, epochs=2, max_steps=None)
+    assert run_train(by_epochs, monkeypatch, epochs=1)["epochs"] == 1
+    run_train(by_epochs, monkeypatch, epochs=2)
+    expected = last_checkpoint(straight)
+    for root in (by_steps, by_epochs):
+        got = last_checkpoint(root)
+        assert got["progress"]["step"] == expected["progress"]["step"] == resumed["steps"]
+        assert_identical(got["model"], expected["model"])
+    whole = [h for h in last_checkpoint(by_steps)["progress"]["history"] if h["whole_epoch"]]
+    assert [h["valid_loss"] for h in whole] == [h["valid_loss"] for h in expected["progress"]["history"]]
+
+
+def test_finished_training_rerun_restores_the_best_model(embedded, tmp_path, monkeypatch, mlflow_store):
+    root = copy_of(embedded, tmp_path / "p")
+    run_train(root, monkeypatch, epochs=1)
     shutil.rmtree(root / "models/seq2seq")  # what `dvc repro -f` does to the outputs
-    summary = run_until_train(root, monkeypatch, epochs=1)
+    summary = run_train(root, monkeypatch, epochs=1)
     assert summary["epochs"] == 1
-    assert (root / "models/seq2seq/model.pt").exists()
+    assert (root / MODEL).exists()
+
+
+def test_a_wall_clock_stop_says_the_model_depends_on_the_machine(embedded, tmp_path, monkeypatch, mlflow_store,
+                                                                   caplog):
+    root = copy_of(embedded, tmp_path / "p")
+    summary = run_train(root, monkeypatch, epochs=3, max_minutes=1e-5)
+    assert summary["stopped_by"] == "time_budget" and summary["machine_dependent"] is True
+    assert summary["steps"] >= 1 and (root / MODEL).exists()
+    assert json.loads((root / "reports/train.json").read_text())["machine_dependent"] is True
+    (run,) = runs(mlflow_store)
+    assert run.data.tags["machine_dependent"] == "true" and run.data.tags["stopped_by"] == "time_budget"
+    assert "depends on this machine" in caplog.text
+
+
+def test_a_checkpoint_whose_mlflow_run_is_gone_starts_a_new_run(embedded, tmp_path, monkeypatch, mlflow_store):
+    root = copy_of(embedded, tmp_path / "p")
+    run_train(root, monkeypatch, epochs=1, max_steps=5)
+    old_run = last_checkpoint(root)["progress"]["run_id"]
+    MlflowClient(mlflow_store).delete_run(old_run)
+    summary = run_train(root, monkeypatch, epochs=1, max_steps=None)
+    assert summary["stopped_by"] == "epochs"
+    (run,) = runs(mlflow_store)  # the deleted one is not listed
+    assert run.info.run_id != old_run and run.info.status == "FINISHED"
+    assert run.data.tags["continues_run"] == old_run and run.data.tags["resumed_from_step"] == "5"
+
+
+def test_average_checkpoints_writes_the_mean_of_the_last_snapshots(embedded, tmp_path, monkeypatch, mlflow_store):
+    root = copy_of(embedded, tmp_path / "p")
+    summary = run_train(root, monkeypatch, epochs=3, average_checkpoints=2)
+    snapshots = sorted(root.glob(".vamos/checkpoints/*/weights-*.pt"))
+    assert len(snapshots) == 2 and summary["averaged_valid_bleu"] is not None
+    a, b = (torch.load(p, weights_only=True) for p in snapshots)
+    for name, tensor in weights(root).items():
+        assert torch.allclose(tensor, (a[name] + b[name]) / 2, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch_gives_the_same_weights(embedded, tmp_path, monkeypatch, mlflow_store):
+    """`vamos train` killed at a random step after its first checkpoint, then run again, ends with
+    the weights of a run that was never interrupted, bit for bit."""
+    overrides = dict(epochs=4, checkpoint_every=3)
+    straight = copy_of(embedded, tmp_path / "straight")
+    run_train(straight, monkeypatch, **overrides)
+    killed = copy_of(embedded, tmp_path / "killed")
+    set_train(killed, **overrides)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    vamos = ["vamos", "train"]  # conftest puts this interpreter's scripts first on PATH
+    process = subprocess.Popen(vamos, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(killed.glob(".vamos/checkpoints/*/last.pt")):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 1.0))
+    assert process.poll() is None, "training finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps_at_kill = last_checkpoint(killed)["progress"]["step"]
+    assert 0 < steps_at_kill < last_checkpoint(straight)["progress"]["step"]
+    rerun = subprocess.run(vamos, cwd=killed, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert_identical(last_checkpoint(killed)["model"], last_checkpoint(straight)["model"])
+    assert_identical(weights(killed), weights(straight))
+    run_id = json.loads((killed / "models/seq2seq/run.json").read_text())["run_id"]
+    assert MlflowClient(mlflow_store).get_run(run_id).info.status == "FINISHED"  # resumed, not left RUNNING
+    assert all(r.info.status == "FINISHED" for r in runs(mlflow_store))
+
+
+def test_learning_rate_schedules():
+    cfg = Params().train.model_copy(update={"lr": 1.0, "warmup_steps": 10})
+    assert learning_rate(cfg, 0, 100, 1.0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 9, 100, 1.0) == 1.0 and learning_rate(cfg, 50, 100, 0.25) == 0.25
+    for schedule in ("cosine", "linear"):
+        decaying = cfg.model_copy(update={"lr_schedule": schedule})
+        rates = [learning_rate(decaying, step, 100, 1.0) for step in range(100)]
+        assert rates[9] == 1.0 and rates[99] < 0.03 and all(a >= b for a, b in zip(rates[9:], rates[10:]))
+        assert learning_rate(decaying, 100, 100, 1.0) == 0.0  # past the planned end
+
+
+def test_early_stopping_rides_out_single_dips_and_stops_on_a_plateau():
+    rising_with_dips = [10, 14, 17, 15.5, 19, 20, 18.8, 18.9, 21.5, 22]  # a raw patience of 2 stops at 18.9
+    assert not any(should_stop_early(rising_with_dips[:n], patience=2, window=3) for n in range(1, 11))
+    plateau = [10, 14, 17, 18, 18.5, 18.2, 17.9, 18.1, 17.8]
+    stops = [n for n in range(1, len(plateau) + 1) if should_stop_early(plateau[:n], patience=2, window=3)]
+    assert stops and stops[0] == 8
+    assert should_stop_early([5, 4, 3], patience=2, window=1)  # window 1 is the raw rule
+
+
+def test_fingerprint_covers_computation_not_speed(tmp_path):
+    params = Params()
+    base = fingerprint(params, [])
+    for speed_or_stop in ({"threads": 3}, {"checkpoint_every": 7}, {"epochs": 30}, {"max_minutes": 5.0},
+                          {"patience": 9}, {"max_steps": 100}):
+        assert fingerprint(params.model_copy(update={"train": params.train.model_copy(update=speed_or_stop)}), []) == base
+    for computation in ({"device": "cuda"}, {"input_feeding": False}, {"sampled_softmax": 10}):
+        assert fingerprint(params.model_copy(update={"train": params.train.model_copy(update=computation)}), []) != base
+    cosine = params.model_copy(update={"train": params.train.model_copy(update={"lr_schedule": "cosine"})})
+    longer = params.model_copy(update={"train": cosine.train.model_copy(update={"epochs": 30})})
+    assert fingerprint(cosine, []) != fingerprint(longer, [])  # the decay is stretched to the planned length
+    code = Path(__file__).resolve().parent.parent / "pipeline"
+    covered = {p.relative_to(code).as_posix() for pattern in CODE for p in code.glob(pattern)}
+    assert {"train.py", "embeddings.py", "text.py", "data.py", "decode.py", "model/decoder.py"} <= covered
+    data_file = tmp_path / "train.parquet"
+    data_file.write_bytes(b"a")
+    before = fingerprint(params, [data_file])
+    data_file.write_bytes(b"b")
+    assert fingerprint(params, [data_file]) != before

@@ -2,6 +2,7 @@
 tokeniser settings in one file, loadable with torch.load(weights_only=True)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -23,8 +24,12 @@ def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vo
         "src_tokenizer": {"lang": src_tok.lang, "lowercase": src_tok.lowercase},
         "tgt_tokenizer": {"lang": tgt_tok.lang, "lowercase": tgt_tok.lowercase},
     }
+    # Through a buffer: torch.save names the zip's records after the file, and atomic_path's
+    # temporary name is random, which would give every save of the same weights other bytes.
+    buffer = io.BytesIO()
+    torch.save(bundle, buffer)
     with storage.atomic_path(path) as tmp:
-        torch.save(bundle, tmp)
+        Path(tmp).write_bytes(buffer.getvalue())
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

@@ -41,12 +41,16 @@ class Attention(nn.Module):
 
     def forward(self, query: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
         """query B x Q -> (context B x M, weights B x S); weights are 0 on padding and sum to 1."""
+        context, weights = self.attend_all(query.unsqueeze(1), memory)
+        return context.squeeze(1), weights.squeeze(1)
+
+    def attend_all(self, queries: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries B x T x Q -> (contexts B x T x M, weights B x T x S): all steps in one batched matmul."""
         if self.kind == "bahdanau":
-            hidden = torch.tanh(memory.keys + self.query_proj(query).unsqueeze(1))
-            scores = self.energy(hidden).squeeze(2)
+            hidden = torch.tanh(memory.keys.unsqueeze(1) + self.query_proj(queries).unsqueeze(2))
+            scores = self.energy(hidden).squeeze(3)
         else:
-            scores = torch.bmm(memory.keys, query.unsqueeze(2)).squeeze(2)
-        scores = scores.float().masked_fill(~memory.mask, float("-inf"))
-        weights = torch.softmax(scores, dim=1).to(memory.values.dtype)
-        context = torch.bmm(weights.unsqueeze(1), memory.values).squeeze(1)
-        return context, weights
+            scores = torch.bmm(queries, memory.keys.transpose(1, 2))
+        scores = scores.float().masked_fill(~memory.mask.unsqueeze(1), float("-inf"))
+        weights = torch.softmax(scores, dim=2).to(memory.values.dtype)
+        return torch.bmm(weights, memory.values), weights

@@ -1,4 +1,4 @@
-"""An LSTM decoder with attention and input feeding (Luong et al., 2015)."""
+"""An LSTM decoder with attention, with or without input feeding (Luong et al., 2015)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -13,7 +13,7 @@ from pipeline.text import PAD_ID
 class DecoderState(NamedTuple):
     h: torch.Tensor  # layers x B x H
     c: torch.Tensor  # layers x B x H
-    feed: torch.Tensor  # B x D   the previous attentional state, fed back as input
+    feed: torch.Tensor  # B x D   the previous attentional state, fed back as input (B x 0 without input feeding)
 
     def select(self, index: torch.Tensor) -> "DecoderState":
         return DecoderState(self.h.index_select(1, index), self.c.index_select(1, index),
@@ -22,16 +22,17 @@ class DecoderState(NamedTuple):
 
 class Decoder(nn.Module):
     def __init__(self, vocab_size: int, emb_size: int, hidden_size: int, layers: int, attention: str,
-                 dropout: float, output_size: int):
+                 dropout: float, output_size: int, input_feeding: bool = True):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, emb_size, padding_idx=PAD_ID)
         self.dropout = nn.Dropout(dropout)
-        self.rnn = nn.LSTM(emb_size + output_size, hidden_size, num_layers=layers, batch_first=True,
+        self.feed_size = output_size if input_feeding else 0
+        self.rnn = nn.LSTM(emb_size + self.feed_size, hidden_size, num_layers=layers, batch_first=True,
                            dropout=dropout if layers > 1 else 0.0)
         self.attention = Attention(attention, hidden_size, hidden_size)
         # The attentional state has the embedding size when output and embeddings are tied.
         self.combine = nn.Linear(2 * hidden_size, output_size, bias=False)
-        self.layers, self.output_size = layers, output_size
+        self.layers, self.output_size, self.input_feeding = layers, output_size, input_feeding
 
     def initial_state(self, final: tuple[torch.Tensor, torch.Tensor]) -> DecoderState:
         """Start from the encoder's final long- and short-term memory, layer by layer when the
@@ -40,22 +41,32 @@ class Decoder(nn.Module):
         if h.size(0) != self.layers:
             h = h[-1:].expand(self.layers, -1, -1).contiguous()
             c = c[-1:].expand(self.layers, -1, -1).contiguous()
-        feed = h.new_zeros(h.size(1), self.output_size)
-        return DecoderState(h, c, feed)
+        return DecoderState(h, c, h.new_zeros(h.size(1), self.feed_size))
+
+    def attend(self, queries: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSTM outputs B x T x H -> (attentional states B x T x D, attention B x T x S)."""
+        context, weights = self.attention.attend_all(queries, memory)
+        return torch.tanh(self.combine(torch.cat([context, queries], dim=2))), weights
 
     def step(self, prev: torch.Tensor, state: DecoderState, memory: Memory):
         """One step: prev B token ids -> (attentional state B x D, new state, attention B x S)."""
         inputs = torch.cat([self.dropout(self.embedding(prev)), state.feed], dim=1).unsqueeze(1)
         output, (h, c) = self.rnn(inputs, (state.h, state.c))
-        query = output.squeeze(1)
-        context, weights = self.attention(query, memory)
-        attentional = torch.tanh(self.combine(torch.cat([context, query], dim=1)))
-        return attentional, DecoderState(h, c, attentional), weights
+        attentional, weights = self.attend(output, memory)
+        attentional, weights = attentional.squeeze(1), weights.squeeze(1)
+        feed = attentional if self.input_feeding else state.feed
+        return attentional, DecoderState(h, c, feed), weights
 
     def forward(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory, teacher_forcing: float = 1.0,
                 predict=None):
         """Run over B x T inputs. With teacher_forcing < 1, each step feeds back the model's own
-        prediction (from `predict`, attentional -> token ids) with probability 1 - teacher_forcing."""
+        prediction (from `predict`, attentional -> token ids) with probability 1 - teacher_forcing.
+        Teacher-forced without input feeding, no step depends on an earlier output: one LSTM call
+        and one batched attention cover the whole sequence, instead of T small ones."""
+        if not self.input_feeding and teacher_forcing >= 1.0:
+            outputs, _ = self.rnn(self.dropout(self.embedding(tgt_in)), (state.h, state.c))
+            attentional, weights = self.attend(outputs, memory)
+            return self.dropout(attentional), weights
         outputs, attentions = [], []
         prev = tgt_in[:, 0]
         for t in range(tgt_in.size(1)):

@@ -23,6 +23,7 @@ class ModelConfig:
     attention: str = "general"
     dropout: float = 0.2
     tie_embeddings: bool = True
+    input_feeding: bool = True  # models saved before the option had it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,7 +37,7 @@ class Seq2Seq(nn.Module):
         self.encoder = Encoder(config.src_vocab, config.emb_size, config.hidden_size, config.encoder_layers,
                                config.bidirectional, config.dropout)
         self.decoder = Decoder(config.tgt_vocab, config.emb_size, config.hidden_size, config.decoder_layers,
-                               config.attention, config.dropout, output_size)
+                               config.attention, config.dropout, output_size, config.input_feeding)
         self.generator = nn.Linear(output_size, config.tgt_vocab)
         if config.tie_embeddings:
             self.generator.weight = self.decoder.embedding.weight
