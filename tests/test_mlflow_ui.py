@@ -114,7 +114,13 @@ def chromium_page():
             page = context.new_page()
             page.set_default_timeout(UI_TIMEOUT_MS)
             page.set_default_navigation_timeout(2 * UI_TIMEOUT_MS)
-            yield page
+            try:
+                yield page
+            except BaseException:
+                with contextlib.suppress(Exception):  # what the page showed when a step failed
+                    page.screenshot(path=str(artifacts_dir() / "failure.png"))
+                    print(f"\nscreenshot of the failure: {artifacts_dir() / 'failure.png'}")
+                raise
         finally:
             context.close()
 
@@ -183,9 +189,11 @@ def metric_row(page, label: str) -> list[str]:
 
 
 def train_again(root: Path, seed: int) -> None:
-    """Another, different model in the same workspace: a new seed retrains from scratch."""
+    """Another, different model in the same workspace: a new seed retrains from scratch (fewer
+    epochs: it only has to be a different model)."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["seed"] = seed
+    params["train"]["epochs"] = min(params["train"]["epochs"], 4)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     loaded = load_params()
     STAGES["train"](loaded)
