@@ -45,19 +45,23 @@ class OutputLayer:
             self.bias = None if model.generator.bias is None else model.generator.bias.index_select(0, self.ids)
         self.eos = EOS_ID if self.ids is None else int((self.ids == EOS_ID).nonzero())
 
-    def log_probs(self, attentional: torch.Tensor, at_limit: torch.Tensor | None = None) -> torch.Tensor:
-        """rows x outputs; rows flagged `at_limit` may only end, at the model's price for <eos>."""
+    def best(self, attentional: torch.Tensor, at_limit: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's `count` most likely next words: (log-probabilities, positions), rows x count.
+        Rows flagged `at_limit` may only end, at the model's price for <eos>. Taking the top words
+        of the logits and normalising only those spares writing and re-reading log-probabilities
+        for the whole vocabulary."""
         if self.ids is None:
             logits = self.model.logits(attentional).float()
             logits[:, list(NEVER_EMITTED)] = float("-inf")
         else:
             logits = F.linear(attentional, self.weight, self.bias).float()
-        log_probs = torch.log_softmax(logits, dim=-1)  # over the words that can be emitted
-        if at_limit is not None and bool(at_limit.any()):
-            only_eos = torch.full_like(log_probs[0], float("-inf"))
+        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # over the words that can be emitted
+        if bool(at_limit.any()):
+            only_eos = torch.full_like(logits[0], float("-inf"))
             only_eos[self.eos] = 0.0
-            log_probs = torch.where(at_limit.unsqueeze(1), log_probs + only_eos, log_probs)
-        return log_probs
+            logits = torch.where(at_limit.unsqueeze(1), logits + only_eos, logits)
+        values, positions = logits.topk(min(count, logits.size(1)), dim=-1)
+        return values - normaliser, positions
 
     def token_ids(self, positions: torch.Tensor) -> torch.Tensor:
         return positions if self.ids is None else self.ids[positions]
@@ -122,8 +126,8 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len_ratio
     scores = torch.zeros(src.size(0), device=device)
     for step in range(int(limits.max())):
         attentional, state, weights = model.decoder.step(prev, state, memory)
-        best, positions = output.log_probs(attentional, step + 1 >= limits[sentences]).max(dim=-1)
-        tokens, scores = output.token_ids(positions), scores + best
+        best, positions = output.best(attentional, step + 1 >= limits[sentences], 1)
+        tokens, scores = output.token_ids(positions.squeeze(1)), scores + best.squeeze(1)
         ended = tokens == EOS_ID
         history.finish(sentences[ended], scores[ended], ended.nonzero().squeeze(1), step)
         going_on = (~ended).nonzero().squeeze(1)
@@ -167,12 +171,13 @@ def search_beams(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int
     for step in range(int(limits.max())):
         attentional, state, weights = model.decoder.step(prev, state, memory)
         at_limit = step + 1 >= limits[sentences]
-        log_probs = output.log_probs(attentional, at_limit.repeat_interleave(k))
-        n, vocab = scores.size(0), log_probs.size(1)
-        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
-        top_scores, top_ids = candidates.topk(min(2 * k, k * vocab), dim=1)
-        parent_rows = top_ids // vocab + torch.arange(n, device=device).unsqueeze(1) * k
-        positions = top_ids % vocab
+        # The best 2k candidates of a sentence are among the best 2k words of each of its rows.
+        row_best, row_positions = output.best(attentional, at_limit.repeat_interleave(k), 2 * k)
+        n, per_row = scores.size(0), row_best.size(1)
+        candidates = (scores.view(-1, 1) + row_best).view(n, k * per_row)
+        top_scores, top_ids = candidates.topk(min(2 * k, k * per_row), dim=1)
+        parent_rows = top_ids // per_row + torch.arange(n, device=device).unsqueeze(1) * k
+        positions = row_positions.view(n, k * per_row).gather(1, top_ids)
         is_eos = positions == output.eos
 
         # Candidates that end here and would have made the beam become finished hypotheses.

@@ -52,7 +52,8 @@ def test_a_shortlist_holds_the_batchs_translations_the_frequent_words_unk_and_eo
     tgt_vocab = Vocab(["de", "y", "Noemí", "fue", "vino", "casa"])  # ranked by frequency
     lexicon = Lexicon({"naomi": ["Noemí", "Rut", "ella"], "went": ["fue"], "came": ["vino"]}, frequent=2)
     ids = lexicon.shortlist([["naomi", "went"]], tgt_vocab).tolist()
-    expected = {UNK_ID, EOS_ID, tgt_vocab.stoi["de"], tgt_vocab.stoi["y"], tgt_vocab.stoi["Noemí"], tgt_vocab.stoi["fue"]}
+    # The two most frequent words and the translations in the vocabulary ("Rut" is not in it).
+    expected = {UNK_ID, EOS_ID, *(tgt_vocab.stoi[w] for w in ("de", "y", "Noemí", "fue"))}
     assert set(ids) == expected and ids == sorted(ids)
     assert PAD_ID not in ids and SOS_ID not in ids
 
