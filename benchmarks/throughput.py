@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import decoding_setup, params_with, setup  # noqa: E402
 
 from pipeline import storage  # noqa: E402
+from pipeline.text import EOS_ID  # noqa: E402
 from pipeline.train import peak_memory_mb, tokenizers, train_step  # noqa: E402
 
 WARMUP = 3
@@ -84,10 +85,15 @@ def time_decoding(translate, sources, device) -> tuple[float, float, float]:
 
 
 def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batch1_sentences: int,
-                       decoders: list[str], lexicon_path: Path | None) -> None:
+                       decoders: list[str], lexicon_path: Path | None, eos_bias: float = 0.0) -> None:
     """One row per (max_len_ratio, search, batch size); one sentences/s column per decoder, timed
     back to back so that each row's figures share the machine's load."""
     model, sources, src_vocab, tgt_vocab, device, notes = decoding_setup(params, data, split)
+    if eos_bias:
+        with torch.no_grad():
+            model.generator.bias[EOS_ID] += eos_bias
+        notes.append(f"<eos> logit raised by {eos_bias}, so that sentences end at various lengths, as a trained "
+                     "model's do (+2.4 on the random model: greedy outputs of 26 tokens on average, as the references)")
     lexicon = load_lexicon(lexicon_path) if lexicon_path else None
     variants = {name: translator_class(name)(model, *tokenizers(params), src_vocab, tgt_vocab, device)
                 for name in decoders}
@@ -136,12 +142,13 @@ def main(steps: int = 30, decode_only: bool = typer.Option(False, help="skip the
          batch1_sentences: int = typer.Option(100, help="sentences decoded one at a time"),
          decoder: list[str] = typer.Option([], help="another decode.py to time beside pipeline/decode.py"),
          lexicon: Path = typer.Option(None, help="a saved Lexicon.to_dict(): also time the shortlist"),
+         eos_bias: float = typer.Option(0.0, help="add to the <eos> logit (a random model that stops)"),
          set: list[str] = typer.Option([], "--set")) -> None:
     params = params_with(set)
     if not decode_only:
         benchmark_training(params, steps)
     benchmark_decoding(params, data, split, max_len_ratio or [params.evaluate.max_len_ratio], batch1_sentences,
-                       [*decoder, CURRENT], lexicon)
+                       [*decoder, CURRENT], lexicon, eos_bias)
 
 
 if __name__ == "__main__":
