@@ -1,13 +1,19 @@
 """Training and decoding speed: target tokens/s, sentences/s, peak memory.
 
     python benchmarks/throughput.py --steps 30 --set train.hidden_size=512
-    python benchmarks/throughput.py --decode-only --data data/prepared --max-len-ratio 1.5 --max-len-ratio 0.8
+    python benchmarks/throughput.py --decode-only --max-len-ratio 1.5 --max-len-ratio 0.8
+
+Decoding: a table of sentences/s for greedy and beam search, one sentence at a time and batched,
+over a split (the test split by default), with its mean source and output lengths. Side by side:
     git show <commit>:pipeline/decode.py > /tmp/old_decode.py
-    python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py   # before/after, side by side
+    python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py --lexicon lexicon.pt
+times an older decode.py, this one, and this one with a lexical shortlist, back to back in each
+row. On a shared machine add `--set train.threads=1` and read the CPU-time figures.
 
 Training needs a checkout where `dvc repro` has made data/prepared and models/embeddings. Decoding
-falls back to a random model of the configured size and synthetic sentences, and says so. It
-prints figures and asserts nothing: timings belong in a benchmark, not in a test."""
+falls back to a random model of the configured size (which never stops early: bound it with
+--max-len-ratio, or let it stop with --eos-bias) and synthetic sentences, and says so. It prints
+figures and asserts nothing: timings belong in a benchmark, not in a test."""
 from __future__ import annotations
 
 import importlib.util
@@ -115,12 +121,13 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
         for search_beam in (1, beam):
             for size in (1, batch):
                 subset = sources if size > 1 else spread_subset(sources, batch1_sentences)
-                rates = []
+                rates, out_lengths = [], {}
                 for name, translator in variants.items():
                     options = {"shortlist": True} if name == "shortlist" else {}
-                    wall, cpu, out_len = time_decoding(lambda s: translator.translate_tokens(
+                    wall, cpu, out_lengths[name] = time_decoding(lambda s: translator.translate_tokens(
                         s, beam_size=search_beam, batch_size=size, max_len_ratio=ratio, **options), subset, device)
                     rates.append(f"{wall:,.1f}, {cpu:,.1f}")
+                out_len = out_lengths[CURRENT]  # of pipeline/decode.py, without the shortlist
                 search = "greedy" if search_beam == 1 else f"beam {search_beam}"
                 print(f"| {ratio} | {search} | {size} | {len(subset)} | {sum(map(len, subset)) / len(subset):.1f} | "
                       f"{out_len:.1f} | {' | '.join(rates)} | {os.getloadavg()[0]:.1f} |", flush=True)
