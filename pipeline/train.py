@@ -51,8 +51,8 @@ def pick_device(choice: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # The loss
 
-# Never a target, so never a sampled candidate: they join every candidate set instead (inclusion
-# probability 1, no correction), which teaches the model to keep their logits low.
+# Never a target, so never a sampled candidate: they join every candidate set instead, which
+# teaches the model to keep their logits low.
 ALWAYS_NEGATIVE = (PAD_ID, SOS_ID)
 
 
@@ -67,24 +67,22 @@ def log_uniform(vocab_size: int, device: torch.device) -> torch.Tensor:
 
 def sampled_logits(hidden: torch.Tensor, gold: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled softmax (Jean et al. 2015) with the log-Q correction: per position, the gold word and
-    `negatives` words drawn with replacement from log_uniform, shared by the batch. A drawn word's
-    logit loses the log of its expected count among the draws, so the draws' exp-logits sum to an
-    unbiased estimate of the rest of the softmax's normaliser. The gold word (and <pad>, <sos>) is
-    in the set with certainty and counts exactly once, uncorrected; a draw of a position's own
-    gold word is removed for that position (an accidental hit), its share being that exact term.
-    As `negatives` grows the loss tends to the full softmax's. Returns (logits N x C with the gold
-    word in column 0, mask N x C of the candidates that count)."""
+    """Sampled softmax with the log-Q correction, shared by the batch. The candidates are the
+    batch's gold words, <pad> and <sos>, all certain members that count exactly (uncorrected), plus
+    the other words among `negatives` draws from log_uniform, each logit lowered by the log of its
+    inclusion probability 1 - (1 - p)^negatives. The draws' exp-logits are then an unbiased
+    (Horvitz-Thompson) estimate of the rest of the softmax's normaliser, so a rare gold word is not
+    favoured for being present, and as `negatives` grows the loss tends to the full softmax's.
+    Returns (logits N x C, each position's gold column)."""
+    certain = torch.unique(torch.cat([gold, torch.tensor(ALWAYS_NEGATIVE, device=gold.device)]))  # sorted
     probs = log_uniform(weight.size(0), gold.device)
-    sampled = torch.multinomial(probs, negatives, replacement=True)
-    log_expected = torch.log(probs * negatives)
-    gold_logits = (hidden * weight[gold]).sum(1) + bias[gold]
-    noise_logits = F.linear(hidden, weight[sampled], bias[sampled]) - log_expected[sampled]
-    fixed = torch.tensor(ALWAYS_NEGATIVE, device=gold.device)
-    logits = torch.cat([gold_logits.unsqueeze(1), noise_logits, F.linear(hidden, weight[fixed], bias[fixed])], 1)
-    hits = sampled.unsqueeze(0) == gold.unsqueeze(1)
-    removed = torch.cat([torch.zeros_like(hits[:, :1]), hits, torch.zeros_like(hits[:, : len(ALWAYS_NEGATIVE)])], 1)
-    return logits.float().masked_fill(removed, float("-inf")), ~removed
+    drawn = torch.unique(torch.multinomial(probs, negatives, replacement=True))
+    drawn = drawn[~torch.isin(drawn, certain)]
+    log_inclusion = torch.log(-torch.expm1(negatives * torch.log1p(-probs[drawn])))
+    candidates = torch.cat([certain, drawn])
+    logits = F.linear(hidden, weight[candidates], bias[candidates]).float()
+    correction = torch.cat([torch.zeros_like(certain, dtype=logits.dtype), log_inclusion])
+    return logits - correction, torch.searchsorted(certain, gold)
 
 
 def sequence_loss(model: Seq2Seq, attentional: torch.Tensor, targets: torch.Tensor, negatives: int,
@@ -95,16 +93,12 @@ def sequence_loss(model: Seq2Seq, attentional: torch.Tensor, targets: torch.Tens
     mask = targets != PAD_ID
     hidden, gold = attentional[mask], targets[mask]
     weight, bias = model.generator.weight, model.generator.bias
-    if not (model.training and 0 < negatives < weight.size(0)):
-        logits = F.linear(hidden, weight, bias).float()
-        return F.cross_entropy(logits, gold, reduction="sum", label_smoothing=label_smoothing), int(gold.numel())
-    logits, kept = sampled_logits(hidden, gold, weight, bias, negatives)
-    log_probs = logits.log_softmax(1)
-    loss = -log_probs[:, 0]
-    if label_smoothing:  # spread over the candidates, as the full softmax spreads it over the vocabulary
-        uniform = -log_probs.masked_fill(~kept, 0.0).sum(1) / kept.sum(1)
-        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
-    return loss.sum(), int(gold.numel())
+    if model.training and 0 < negatives < weight.size(0):
+        logits, gold_columns = sampled_logits(hidden, gold, weight, bias, negatives)
+    else:
+        logits, gold_columns = F.linear(hidden, weight, bias).float(), gold
+    loss = F.cross_entropy(logits, gold_columns, reduction="sum", label_smoothing=label_smoothing)
+    return loss, int(gold.numel())
 
 
 def autocast(cfg: TrainParams, device: torch.device):
@@ -140,6 +134,8 @@ def learning_rate(cfg: TrainParams, step: int, total_steps: int, plateau_scale: 
 
 def planned_steps(cfg: TrainParams, data: ParallelData, seed: int) -> int:
     """The last step a decaying schedule aims at: every epoch's batches, or max_steps if fewer."""
+    if cfg.lr_schedule == "plateau":
+        return 0  # not needed
     total = sum(len(data.epoch_batches(cfg.batch_tokens, seed, e)) for e in range(cfg.epochs))
     return min(total, cfg.max_steps or total)
 
@@ -585,8 +581,11 @@ def write_reports(trainer: Trainer, stop_reason: str, averaged_bleu: float | Non
     if averaged_bleu is not None:
         mlflow.log_metric("averaged_valid_bleu", averaged_bleu)
     mlflow.set_tags({"stopped_by": stop_reason, "machine_dependent": str(machine_dependent).lower()})
+    # No timings in the curve: it is a DVC output, and its md5 in dvc.lock must not depend on the
+    # machine's speed (train.json, a metric, carries them; so does MLflow).
+    curve = pd.DataFrame(progress.history).drop(columns=["tokens_per_sec"])
     with storage.atomic_path(reports / "learning_curve.csv") as tmp:
-        pd.DataFrame(progress.history).to_csv(tmp, index=False, float_format="%.4f")
+        curve.to_csv(tmp, index=False, float_format="%.4f")
     plot_learning_curve(progress.history, reports / "plots" / "learning_curve.png")
     mlflow.log_artifact(str(reports / "plots" / "learning_curve.png"), "plots")
     storage.write_json(reports / "train.json", summary)
