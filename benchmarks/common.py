@@ -69,7 +69,7 @@ def decoding_setup(params: Params, data_root, split: str):
             src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), emb_size=params.embed.vector_size,
             hidden_size=cfg.hidden_size, encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
             bidirectional=cfg.bidirectional, attention=cfg.attention, dropout=cfg.dropout,
-            tie_embeddings=cfg.tie_embeddings)).to(device)
+            tie_embeddings=cfg.tie_embeddings, input_feeding=cfg.input_feeding)).to(device)
         notes.append(f"no {EMBEDDINGS}/src.w2v: the configured model with random weights, which almost "
                      "never emits <eos>, so every sentence runs to its length limit")
     return model.eval(), sources, src_vocab, tgt_vocab, device, notes
