@@ -39,9 +39,13 @@ def main(epochs: int = 3, minutes: float = 0.0, steps: int = 0, every: int = 0,
           f"stop at {epochs} epochs, {steps or '-'} steps, {minutes or '-'} min")
     print("| step | epoch | train min | train loss | tokens/s | valid BLEU | load |")
     print("|---|---|---|---|---|---|---|")
-    step, seconds, loss, tokens = 0, 0.0, 0.0, 0
+    step, seconds, loss, tokens, reported = 0, 0.0, 0.0, 0, -1
 
     def report(epoch: float) -> None:
+        nonlocal reported
+        if reported == step:
+            return
+        reported = step
         bleu = validation_bleu(translator, valid)
         print(f"| {step} | {epoch:.2f} | {seconds / 60:.1f} | {loss / max(tokens, 1):.3f} | "
               f"{tokens / max(seconds, 1e-9):,.0f} | {bleu:.2f} | {os.getloadavg()[0]:.1f} |", flush=True)
@@ -63,8 +67,7 @@ def main(epochs: int = 3, minutes: float = 0.0, steps: int = 0, every: int = 0,
                 model.train()
         if not every:
             report(epoch + 1.0)
-    if every and step % every:
-        report(float(epochs))
+    report(float(epochs))
 
 
 if __name__ == "__main__":
