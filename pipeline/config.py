@@ -137,6 +137,9 @@ class TrainParams(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # mixed precision on CUDA
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = all cores
+    # Build the source->target translation dictionary from the final model's attention alignments
+    # over the training split and store it in model.pt (pipeline.lexicon; for evaluate's switches).
+    lexicon: bool = False
 
 
 class EvaluateParams(Strict):
@@ -146,6 +149,8 @@ class EvaluateParams(Strict):
     batch_size: int = Field(64, ge=1)
     heatmaps: int = Field(4, ge=0)
     samples: int = Field(20, ge=0)
+    unk_dictionary: bool = False  # an output <unk> becomes the lexicon's translation of its source word
+    shortlist: bool = False  # score only the lexicon's likely target words (faster decoding)
 
 
 class RegisterParams(Strict):
@@ -197,6 +202,14 @@ class Params(Strict):
     def _split_leaves_training_data(self) -> "Params":
         if self.prepare.split.valid + self.prepare.split.test >= 0.5:
             raise ValueError("prepare.split: valid + test must leave most pairs for training")
+        return self
+
+    @model_validator(mode="after")
+    def _lexicon_switches_need_a_lexicon(self) -> "Params":
+        wanted = [f"evaluate.{key}" for key in ("unk_dictionary", "shortlist") if getattr(self.evaluate, key)]
+        if wanted and not self.train.lexicon:
+            raise ValueError(f"{' and '.join(wanted)} need(s) train.lexicon: true (the dictionary is built "
+                             "at the end of training and stored in model.pt)")
         return self
 
 

@@ -61,9 +61,14 @@ def translate_split(translator: Translator, frame: pd.DataFrame, cfg: EvaluatePa
     """(output tokens, attention) for each row of a prepared split, decoded with the evaluate
     settings: the one decoding that test scores and the registry's comparisons share."""
     sources = [s.split() for s in frame["src_tokens"]]
+    lexicon = {"unk_dictionary": cfg.unk_dictionary, "shortlist": cfg.shortlist}
+    if any(lexicon.values()) and translator.lexicon is None:
+        # A model saved without train.lexicon (a champion registered before it was switched on).
+        log.warning("the model has no lexicon: decoding it without unk_dictionary and shortlist")
+        lexicon = {}
     return translator.translate_tokens(
         sources, beam_size=beam_size or cfg.beam_size, alpha=cfg.length_penalty, max_len_ratio=cfg.max_len_ratio,
-        batch_size=cfg.batch_size, originals=[translator.src_tok.tokenize_cased(s) for s in frame["src"]])
+        batch_size=cfg.batch_size, originals=[translator.src_tok.tokenize_cased(s) for s in frame["src"]], **lexicon)
 
 
 def detokenize_all(translator: Translator, outputs: list[tuple[list[str], np.ndarray]]) -> list[str]:

@@ -58,7 +58,8 @@ def model_config(params: Params) -> dict[str, Any]:
     search, serve = params.evaluate, params.serve
     return {"beam_size": search.beam_size, "length_penalty": search.length_penalty,
             "max_len_ratio": search.max_len_ratio, "max_sentences": serve.max_sentences,
-            "max_sentence_tokens": serve.max_sentence_tokens}
+            "max_sentence_tokens": serve.max_sentence_tokens, "unk_dictionary": search.unk_dictionary,
+            "shortlist": search.shortlist}
 
 
 def check_beam_size(value: Any) -> int:
@@ -152,7 +153,10 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         from pipeline.model import load_translator
 
         self.default_beam = check_beam_size(config["beam_size"])
-        self.search = {"alpha": config["length_penalty"], "max_len_ratio": config["max_len_ratio"]}
+        # Models logged before the lexicon switches existed lack them: off, as they were decoded.
+        self.search = {"alpha": config["length_penalty"], "max_len_ratio": config["max_len_ratio"],
+                       "unk_dictionary": config.get("unk_dictionary", False),
+                       "shortlist": config.get("shortlist", False)}
         self.limits = Limits(config["max_sentences"], config["max_sentence_tokens"])
         self.translator = load_translator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
         return self

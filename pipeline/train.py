@@ -31,6 +31,7 @@ from pipeline.config import Params, TrainParams
 from pipeline.data import Corpus, ParallelData, load_corpus
 from pipeline.decode import Translator
 from pipeline.embeddings import embedding_matrix
+from pipeline.lexicon import build_lexicon
 from pipeline.model import ModelConfig, Seq2Seq, save_model
 from pipeline.text import PAD_ID, SOS_ID, Tokenizer, tokenizers
 from pipeline.tracking import dvc_hashes, flatten, git_commit, mlflow_setup
@@ -205,9 +206,11 @@ def validation_bleu(translator: Translator, valid: ValidationSet) -> float:
 # not among them: CUDA kernels give other numbers than the CPU's. `threads` is, although another
 # thread count sums in another order (last-bit differences): a resume may use other threads, and
 # bit-identical runs need the same count (the default, all cores, on the same kind of machine).
-NOT_IN_FINGERPRINT = {"epochs", "max_steps", "patience", "smoothing", "max_minutes", "checkpoint_every", "threads"}
+# `lexicon` only adds a dictionary to model.pt after training, so it continues the same training too.
+NOT_IN_FINGERPRINT = {"epochs", "max_steps", "patience", "smoothing", "max_minutes", "checkpoint_every", "threads",
+                      "lexicon"}
 # Everything `train` runs that can change what it computes (decode.py: validation BLEU picks the model).
-CODE = ["train.py", "data.py", "text.py", "embeddings.py", "decode.py", "model/*.py"]
+CODE = ["train.py", "data.py", "text.py", "embeddings.py", "decode.py", "lexicon.py", "model/*.py"]
 
 
 def fingerprint(params: Params, inputs: list[Path]) -> str:
@@ -498,14 +501,27 @@ class Trainer:
 
     def final_model(self, path: Path) -> float | None:
         """Write the model that evaluate and register see: the best validation, or the average of
-        the last snapshots (then scored on validation too, returned)."""
-        if not self.cfg.average_checkpoints:
+        the last snapshots (then scored on validation too, returned). With train.lexicon, the
+        dictionary of that model's attention over the whole training split goes into the file
+        (no subsample: a teacher-forced pass without the output projection; batches in a fixed
+        length order, so the same model gives the same dictionary)."""
+        if not self.cfg.average_checkpoints and not self.cfg.lexicon:
             with storage.atomic_path(path) as tmp:
                 shutil.copyfile(self.run_dir / "best.pt", tmp)
             return None
-        self.model.load_state_dict(averaged_weights(self.run_dir))  # training is over; last.pt keeps its state
-        save_model(path, self.model, self.corpus.src_vocab, self.corpus.tgt_vocab, *self.translator_tokenizers)
-        return validation_bleu(self.translator, self.valid)
+        # Training is over; last.pt keeps its state.
+        if self.cfg.average_checkpoints:
+            self.model.load_state_dict(averaged_weights(self.run_dir))
+        else:
+            best = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=True)
+            self.model.load_state_dict(best["state_dict"])
+        lexicon = None
+        if self.cfg.lexicon:
+            lexicon = build_lexicon(self.model, self.corpus.train, self.cfg.batch_tokens, device=self.device)
+            log.info("lexicon: translations for %d source words", len(lexicon.translations))
+        save_model(path, self.model, self.corpus.src_vocab, self.corpus.tgt_vocab, *self.translator_tokenizers,
+                   lexicon=lexicon)
+        return validation_bleu(self.translator, self.valid) if self.cfg.average_checkpoints else None
 
 
 def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = storage.EMBEDDINGS,

@@ -96,3 +96,58 @@ def test_a_translator_uses_its_lexicon_only_when_asked():
         [w for w, _ in plain.translate_tokens(sentences, beam_size=2)]
     for words, _ in with_lexicon.translate_tokens(sentences, beam_size=2, shortlist=True, unk_dictionary=True):
         assert set(words) <= {"u", "<unk>"} | set(sentences[0] + sentences[1])  # an <unk> copies its source word
+
+
+def test_evaluate_lexicon_switches_need_train_lexicon(tmp_path):
+    import yaml
+
+    from pipeline.config import ParamsError, load_params
+    from tests.conftest import small_params
+
+    for switch in ("unk_dictionary", "shortlist"):
+        path = tmp_path / f"{switch}.yaml"
+        path.write_text(yaml.safe_dump(small_params(**{f"evaluate.{switch}": True})))
+        with pytest.raises(ParamsError, match=rf"evaluate\.{switch}.*train\.lexicon: true"):
+            load_params(path)
+        path.write_text(yaml.safe_dump(small_params(**{f"evaluate.{switch}": True, "train.lexicon": True})))
+        assert getattr(load_params(path).evaluate, switch)
+
+
+def test_training_with_lexicon_stores_it_in_model_pt_and_evaluate_uses_it(tmp_path, monkeypatch, mlflow_store):
+    from pipeline.config import load_params
+    from pipeline.evaluate import evaluate
+    from pipeline.model import load_translator
+    from pipeline.stages import embed, ingest, prepare
+    from pipeline.train import train
+    from tests.conftest import make_project, small_params
+
+    root = make_project(tmp_path / "project", small_params(**{
+        "train.lexicon": True, "train.max_steps": 20, "evaluate.unk_dictionary": True, "evaluate.shortlist": True}))
+    monkeypatch.chdir(root)
+    params = load_params()
+    for stage in (ingest, prepare, embed):
+        stage(params)
+    train(params)
+    model_file = root / "models" / "seq2seq" / "model.pt"
+    assert "lexicon" in torch.load(model_file, weights_only=True)
+    translator = load_translator(model_file)
+    assert translator.lexicon is not None and translator.lexicon.translations
+    first = model_file.read_bytes()
+    train(params)  # the finished training again: the same model gives the same file, lexicon and all
+    assert model_file.read_bytes() == first
+
+    test = pd.read_parquet(root / "data" / "prepared" / "test.parquet")
+    metrics = evaluate(translator, test, params.evaluate, root / "reports")
+    assert metrics["sentences"] == len(test) and metrics["bleu"] >= 0
+
+
+def test_a_model_without_a_lexicon_is_decoded_plainly_when_the_switches_are_on():
+    from pipeline.config import EvaluateParams
+    from pipeline.evaluate import translate_split
+
+    translator = Translator(make_model(src_vocab=12, tgt_vocab=10), Tokenizer("en", True), Tokenizer("es", False),
+                            Vocab(["a", "b", "c", "d"]), Vocab(["u", "v", "w", "x", "y", "z"]))
+    frame = pd.DataFrame({"src": ["a b", "c d a"], "src_tokens": ["a b", "c d a"]})
+    on = translate_split(translator, frame, EvaluateParams(unk_dictionary=True, shortlist=True, max_len_ratio=2))
+    off = translate_split(translator, frame, EvaluateParams(max_len_ratio=2))
+    assert [w for w, _ in on] == [w for w, _ in off]

@@ -15,7 +15,7 @@ __all__ = ["ModelConfig", "Seq2Seq", "save_model", "load_model", "load_translato
 
 
 def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vocab, src_tok: Tokenizer,
-               tgt_tok: Tokenizer) -> None:
+               tgt_tok: Tokenizer, lexicon=None) -> None:
     bundle = {
         "config": model.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -24,6 +24,8 @@ def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vo
         "src_tokenizer": {"lang": src_tok.lang, "lowercase": src_tok.lowercase},
         "tgt_tokenizer": {"lang": tgt_tok.lang, "lowercase": tgt_tok.lowercase},
     }
+    if lexicon is not None:  # a pipeline.lexicon.Lexicon, as plain strings and lists
+        bundle["lexicon"] = lexicon.to_dict()
     # Through a buffer: torch.save names the zip's records after the file, and atomic_path's
     # temporary name is random, which would give every save of the same weights other bytes.
     buffer = io.BytesIO()
@@ -43,6 +45,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 def load_translator(path: str | Path, device: str | torch.device = "cpu"):
     from pipeline.decode import Translator
+    from pipeline.lexicon import Lexicon
 
     model, src_vocab, tgt_vocab, src_tok, tgt_tok = load_model(path, device)
-    return Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device)
+    lexicon = torch.load(path, map_location="cpu", weights_only=True).get("lexicon")
+    return Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device,
+                      lexicon=Lexicon.from_dict(lexicon) if lexicon is not None else None)
