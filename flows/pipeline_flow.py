@@ -104,10 +104,11 @@ def publish_metrics(project: str, statuses: dict[str, str], remote: str = "") ->
     metrics = read_json(reports / "metrics.json")["test"]
     registry = read_json(reports / "registry.json") if (reports / "registry.json").exists() else {}
     train = read_json(reports / "train.json") if (reports / "train.json").exists() else {}
+    speed = read_json(reports / "train_speed.json") if (reports / "train_speed.json").exists() else {}
     rows = [
         ("test BLEU (beam)", metrics["bleu"]), ("test chrF (beam)", metrics["chrf"]), ("test TER (beam)", metrics["ter"]),
         ("test BLEU (greedy)", metrics["greedy"]["bleu"]), ("best valid BLEU", train.get("best_valid_bleu", "")),
-        ("training minutes", train.get("train_minutes", "")), ("stopped by", train.get("stopped_by", "")),
+        ("training minutes", speed.get("train_minutes", "")), ("stopped by", train.get("stopped_by", "")),
         ("registered", f"{registry.get('model', '')} v{registry.get('version', '')} → {registry.get('alias', '')}"),
         ("pushed to", remote or "no DVC remote"),
     ]

@@ -6,8 +6,9 @@ today's test split. `champion` moves only for a gain of at least `register.min_g
 bootstrap test finds significant at `register.max_p`; otherwise the new version is `challenger`.
 No stored score is ever compared: a stored score may come from another test set or decoder.
 
-Registering is idempotent: a version is keyed by the md5 of its model file, so a retry reuses it,
-and a repeat with the same champion, test set and settings returns the recorded decision."""
+Registering is idempotent: a version is keyed by the md5 of its model file and the settings the
+logged model reads (search, limits), so a retry reuses it, and a repeat with the same champion,
+test set and settings returns the recorded decision."""
 from __future__ import annotations
 
 import hashlib
@@ -115,9 +116,17 @@ def test_translations(params: Params, checkpoint: Path, test: pd.DataFrame) -> l
     return detokenize_all(translator, translate_split(translator, test, params.evaluate))
 
 
-def version_with_md5(client, name: str, md5: str):
+def model_key(md5: str, params: Params) -> str:
+    """A version's identity: its weights and what the logged model reads at load time (search
+    settings, limits). A retry finds the version it made; new serving settings make a new one."""
+    from pipeline.serving import model_config
+
+    return hashlib.sha1(json.dumps([md5, model_config(params)], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def registered_version(client, name: str, key: str):
     versions = client.search_model_versions(f"name='{name}'")
-    return next((v for v in versions if v.tags.get("model_md5") == md5), None)
+    return next((v for v in versions if v.tags.get("model_key") == key), None)
 
 
 def alias_holder(client, name: str, alias: str):
@@ -130,9 +139,8 @@ def alias_holder(client, name: str, alias: str):
 
 
 def decode_settings(params: Params) -> str:
-    cfg = params.evaluate
-    return json.dumps({"beam_size": cfg.beam_size, "length_penalty": cfg.length_penalty,
-                       "max_len_ratio": cfg.max_len_ratio})
+    """The evaluate settings that change a translation (batching and reports do not)."""
+    return json.dumps(params.evaluate.model_dump(exclude={"batch_size", "heatmaps", "samples"}), sort_keys=True)
 
 
 def decision_key(params: Params, champion_version: str | None, test_sha: str) -> str:
@@ -198,8 +206,9 @@ def log_and_register(params: Params, model_file: Path, run_id: str, md5: str):
         info = log_translator(model_file, params)
         if Path("dvc.lock").exists():
             mlflow.log_artifact("dvc.lock", str(Path(LOCK_ARTIFACT).parent))
-    # The md5 tag is set with the version, so a retry after any later failure finds this version.
-    return mlflow.register_model(info.model_uri, params.registry.model_name, tags={"model_md5": md5})
+    # The key is tagged with the version, so a retry after any later failure finds this version.
+    return mlflow.register_model(info.model_uri, params.registry.model_name,
+                                 tags={"model_md5": md5, "model_key": model_key(md5, params)})
 
 
 def compare_with_champion(params: Params, model_file: Path, champion, test: pd.DataFrame) -> tuple[float, dict | None]:
@@ -225,7 +234,7 @@ def register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame) 
     mlflow_setup(cfg.experiment)
     client = MlflowClient()
     md5, test_sha = file_md5(model_file), test_set_sha256(test)
-    existing = version_with_md5(client, cfg.model_name, md5)
+    existing = registered_version(client, cfg.model_name, model_key(md5, params))
     champion = alias_holder(client, cfg.model_name, CHAMPION)
     if existing is not None and champion is not None and str(champion.version) == str(existing.version):
         # Nothing to compare; the recorded decision stands, so registry.json stays byte-identical.

@@ -16,7 +16,9 @@ PREPARED = Path("data/prepared")
 EMBEDDINGS = Path("models/embeddings")
 SEQ2SEQ = Path("models/seq2seq")
 MODEL_FILE = SEQ2SEQ / "model.pt"
-RUN_FILE = SEQ2SEQ / "run.json"
+# The MLflow run of the model in models/seq2seq. Not a DVC output: a run id is local to one
+# tracking store, and would make dvc.lock differ on every machine.
+RUN_FILE = Path(".vamos/run.json")
 CHECKPOINTS = Path(".vamos/checkpoints")
 REPORTS = Path("reports")
 PLOTS = REPORTS / "plots"

@@ -34,7 +34,7 @@ from pipeline.embeddings import embedding_matrix
 from pipeline.lexicon import build_lexicon
 from pipeline.model import ModelConfig, Seq2Seq, save_model
 from pipeline.text import PAD_ID, SOS_ID, Tokenizer, tokenizers
-from pipeline.tracking import dvc_hashes, flatten, git_commit, mlflow_setup
+from pipeline.tracking import dvc_hashes, experiment_name, flatten, git_commit, mlflow_setup
 
 __all__ = ["pick_device", "sequence_loss", "train_step", "train", "tokenizers", "initial_model"]
 
@@ -375,6 +375,8 @@ def log_run_start(mlflow, params: Params, progress: Progress, continues: str, co
     hashes = dvc_hashes()
     mlflow.set_tags({"git_commit": git_commit(), "dvc.prepared_md5": hashes.get(str(prepared), "unknown"),
                      "dvc.embeddings_md5": hashes.get(str(embeddings), "unknown"), "device": str(device)})
+    if experiment := experiment_name():  # a `dvc exp run`: its name ties the run to `dvc exp show`
+        mlflow.set_tag("dvc.experiment", experiment)
     if progress.step:  # a checkpoint whose run was deleted: say where this one takes over
         mlflow.set_tags({"resumed_from_step": progress.step, "continues_run": continues})
 
@@ -555,7 +557,7 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
         if is_new:
             log_run_start(mlflow, params, progress, previous_run, (src_cov, tgt_cov), reports, prepared, embeddings,
                           device)
-        storage.write_json(out_dir / "run.json", {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+        storage.write_json(storage.RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         trainer = Trainer(params, model, optimizer, corpus, ValidationSet.of(corpus.valid, src_tok),
                           Translator(model, src_tok, tgt_tok, corpus.src_vocab, corpus.tgt_vocab, device), progress,
                           run_dir, device, planned_steps(cfg, corpus.train, params.seed), mlflow)
@@ -584,27 +586,30 @@ def write_reports(trainer: Trainer, stop_reason: str, averaged_bleu: float | Non
         "epochs": round(progress.epoch + progress.batch / batches, 3),
         "epochs_completed": progress.epoch,
         "steps": progress.step,
-        "train_minutes": round(progress.elapsed / 60, 2),
-        "tokens_per_sec": round(float(np.mean([h["tokens_per_sec"] for h in progress.history])), 1),
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
         "embedding_coverage": {"src": round(coverage[0], 4), "tgt": round(coverage[1], 4)},
         "stopped_by": stop_reason,
         "machine_dependent": machine_dependent,
         "device": str(device),
     }
-    mlflow.log_metrics({"best_valid_bleu": progress.best_bleu, "train_minutes": summary["train_minutes"],
-                        "peak_memory_mb": summary["peak_memory_mb"], "steps": progress.step})
+    # Timings go to a file of their own that dvc.lock does not hash (a top-level metric in
+    # dvc.yaml): the same training on a faster machine must give the same dvc.lock.
+    speed = {"train_minutes": round(progress.elapsed / 60, 2),
+             "tokens_per_sec": round(float(np.mean([h["tokens_per_sec"] for h in progress.history])), 1),
+             "peak_memory_mb": round(peak_memory_mb(device), 1)}
+    mlflow.log_metrics({"best_valid_bleu": progress.best_bleu, "train_minutes": speed["train_minutes"],
+                        "peak_memory_mb": speed["peak_memory_mb"], "steps": progress.step})
     if averaged_bleu is not None:
         mlflow.log_metric("averaged_valid_bleu", averaged_bleu)
     mlflow.set_tags({"stopped_by": stop_reason, "machine_dependent": str(machine_dependent).lower()})
     # No timings in the curve: it is a DVC output, and its md5 in dvc.lock must not depend on the
-    # machine's speed (train.json, a metric, carries them; so does MLflow).
+    # machine's speed (train_speed.json carries them; so does MLflow).
     curve = pd.DataFrame(progress.history).drop(columns=["tokens_per_sec"])
     with storage.atomic_path(reports / "learning_curve.csv") as tmp:
         curve.to_csv(tmp, index=False, float_format="%.4f")
     plot_learning_curve(progress.history, reports / "plots" / "learning_curve.png")
     mlflow.log_artifact(str(reports / "plots" / "learning_curve.png"), "plots")
     storage.write_json(reports / "train.json", summary)
+    storage.write_json(reports / "train_speed.json", speed)
     log.info("training stopped by %s after %d steps (%.2f epochs, %.1f minutes); best valid BLEU %.2f", stop_reason,
              progress.step, summary["epochs"], progress.elapsed / 60, progress.best_bleu)
     return summary

@@ -89,3 +89,17 @@ def test_a_temp_experiment_logs_to_the_workspace_store(tmp_path, monkeypatch):
     assert [r.data.params.get("train.lr") for r in runs] == ["0.02"]
     assert client.search_model_versions(f"run_id='{runs[0].info.run_id}'")  # register ran there too
     assert runs[0].data.tags.get("dvc.experiment") == "tiny-lr"  # train.py: tracking.experiment_name()
+
+
+def test_two_fresh_projects_give_the_same_dvc_lock(tmp_path, mlflow_store):
+    """Seeded, deterministic stages stopped by epochs: the same commit and params give the same
+    dvc.lock (timings and registry ids live in top-level metrics, which the lock does not hash)."""
+    locks = []
+    for name in ("a", "b"):
+        repo = make_dvc_repo(tmp_path / name)
+        result = run([*DVC, "repro"], repo)
+        assert result.returncode == 0, result.stdout + result.stderr
+        locks.append(yaml.safe_load((repo / "dvc.lock").read_text()))
+    assert locks[0] == locks[1]
+    model = [o for o in locks[0]["stages"]["train"]["outs"] if o["path"] == "models/seq2seq"][0]
+    assert model["md5"].endswith(".dir")

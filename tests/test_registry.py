@@ -76,7 +76,7 @@ def test_first_run_registered_a_champion_with_its_comparison_record(trained_copy
 
 
 def test_register_is_idempotent(trained_copy):
-    params, run_id = load_params(), read_json("models/seq2seq/run.json")["run_id"]
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
     again = register(params, MODEL_FILE, run_id, test)
     assert again == read_json("reports/registry.json")  # the recorded decision, so registry.json is unchanged
@@ -84,7 +84,7 @@ def test_register_is_idempotent(trained_copy):
 
 
 def test_a_worse_model_becomes_challenger_and_retries_reuse_its_version(trained_copy):
-    params, run_id = load_params(), read_json("models/seq2seq/run.json")["run_id"]
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
     worse = broken_copy(MODEL_FILE, trained_copy / "broken.pt")
     record = register(params, worse, run_id, test)
@@ -103,7 +103,7 @@ def test_a_worse_model_becomes_challenger_and_retries_reuse_its_version(trained_
 
 
 def test_a_hand_moved_champion_is_what_the_next_register_compares_with(trained_copy):
-    params, run_id = load_params(), read_json("models/seq2seq/run.json")["run_id"]
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
     register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)  # version 2
     client = MlflowClient()
@@ -119,7 +119,7 @@ def test_a_hand_moved_champion_is_what_the_next_register_compares_with(trained_c
 
 
 def test_a_changed_test_set_is_scored_again(trained_copy):
-    params, run_id = load_params(), read_json("models/seq2seq/run.json")["run_id"]
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
     register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)
     first = json.loads(MlflowClient().get_model_version(NAME, "2").tags["promotion"])
@@ -137,7 +137,7 @@ def test_champion_pyfunc_translates_text(trained_copy):
 
 
 def test_run_has_params_metrics_and_tags(trained_copy):
-    run = MlflowClient().get_run(read_json("models/seq2seq/run.json")["run_id"])
+    run = MlflowClient().get_run(read_json(".vamos/run.json")["run_id"])
     assert run.data.params["train.hidden_size"] == "48"
     for key in ("train_loss", "valid_loss", "valid_bleu", "test_bleu", "test_chrf", "registry_bleu"):
         assert key in run.data.metrics

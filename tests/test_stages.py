@@ -66,11 +66,12 @@ def test_embed_writes_vectors_reports_and_projections(trained_project):
 
 def test_train_writes_model_curve_and_run(trained_project):
     summary = read_json(trained_project / "reports/train.json")
-    assert summary["epochs"] >= 1 and summary["peak_memory_mb"] > 0
+    assert summary["epochs"] >= 1 and "train_minutes" not in summary  # timings: train_speed.json
+    assert read_json(trained_project / "reports/train_speed.json")["peak_memory_mb"] > 0
     curve = pd.read_csv(trained_project / "reports/learning_curve.csv")
     assert {"epoch", "train_loss", "valid_loss", "valid_bleu"} <= set(curve.columns)
     assert (trained_project / "models/seq2seq/model.pt").exists()
-    assert read_json(trained_project / "models/seq2seq/run.json")["run_id"]
+    assert read_json(trained_project / ".vamos/run.json")["run_id"]
 
 
 def test_evaluate_scores_the_test_split(trained_project):

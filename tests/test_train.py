@@ -188,7 +188,7 @@ def test_resume_after_sigkill_mid_epoch_gives_the_same_weights(embedded, tmp_pat
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert_identical(last_checkpoint(killed)["model"], last_checkpoint(straight)["model"])
     assert_identical(weights(killed), weights(straight))
-    run_id = json.loads((killed / "models/seq2seq/run.json").read_text())["run_id"]
+    run_id = json.loads((killed / ".vamos/run.json").read_text())["run_id"]
     assert MlflowClient(mlflow_store).get_run(run_id).info.status == "FINISHED"  # resumed, not left RUNNING
     assert all(r.info.status == "FINISHED" for r in runs(mlflow_store))
 
