@@ -119,7 +119,7 @@ class TrainParams(Strict):
     teacher_forcing: float = Field(1.0, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     sampled_softmax: int = Field(3000, ge=0)  # log-uniform negatives per batch, log-Q corrected; 0 = full softmax
-    input_feeding: bool = True  # feed the attentional state back (Luong); off runs the decoder LSTM in one call
+    input_feeding: bool = False  # feed the attentional state back (Luong); off runs the decoder LSTM in one call
     batch_tokens: int = Field(2500, ge=16)  # target tokens per batch
     lr: float = Field(3e-3, gt=0)
     lr_schedule: Literal["plateau", "cosine", "linear"] = "plateau"  # cosine/linear decay to the last step
@@ -127,9 +127,9 @@ class TrainParams(Strict):
     lr_decay: float = Field(0.5, gt=0, lt=1)  # plateau: factor when valid loss stops falling
     clip_grad: float = Field(1.0, gt=0)
     average_checkpoints: int = Field(0, ge=0)  # 0: the best validation; N: the mean of the last N validated weights
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(16, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop after this many updates (before `epochs` if smaller)
-    patience: int = Field(3, ge=1)  # validations without a better smoothed BLEU before stopping
+    patience: int = Field(2, ge=1)  # validations without a better smoothed BLEU before stopping
     smoothing: int = Field(3, ge=1)  # early stopping compares means of this many validation BLEUs
     # A safety net, off by default: a wall-clock limit makes the model depend on the machine's speed.
     max_minutes: float | None = Field(None, gt=0)
@@ -139,11 +139,11 @@ class TrainParams(Strict):
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = all cores
     # Build the source->target translation dictionary from the final model's attention alignments
     # over the training split and store it in model.pt (pipeline.lexicon; for evaluate's switches).
-    lexicon: bool = False
+    lexicon: bool = True
 
 
 class EvaluateParams(Strict):
-    beam_size: int = Field(5, ge=1)
+    beam_size: int = Field(5, ge=1, le=16)  # the served model accepts 1-16
     length_penalty: float = Field(1.0, ge=0)
     max_len_ratio: float = Field(1.5, gt=0)
     batch_size: int = Field(64, ge=1)

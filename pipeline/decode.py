@@ -189,11 +189,13 @@ def search_beams(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int
         history.finish(sentences, best, parent_rows.gather(1, rank.unsqueeze(1)).squeeze(1), step)
 
         # The best k candidates that did not end go on, in the sentences that are not done: a
-        # sentence is done once k hypotheses have ended and the best of them beats every live one
-        # as it stands (counting only the k would let improbable endings stop a likely path).
+        # sentence is done once k hypotheses have ended and the best of them beats the best that
+        # any live one could still reach (counting only the k would let improbable endings stop a
+        # likely path). A log-probability only falls as words are added, while the length penalty
+        # grows up to the sentence's limit: logp / lp(limit) bounds a live hypothesis's final score.
         keep = (torch.arange(top_ids.size(1), device=device) + is_eos.long() * 2 * k).topk(k, largest=False).indices
         next_scores = top_scores.gather(1, keep)
-        live_best = next_scores.max(dim=1).values / length_penalty(step + 2, alpha)
+        live_best = next_scores.max(dim=1).values / length_penalty(limits[sentences].float(), alpha)
         done = at_limit | ((finished[sentences] >= k) & (history.best_score[sentences] >= live_best))
         going_on = (~done).nonzero().squeeze(1)
         keep = keep[going_on]

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import storage
+from pipeline.storage import file_md5
 from pipeline.config import Params
 from pipeline.tracking import dvc_hashes, git_commit, mlflow_setup
 
@@ -29,14 +30,6 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOCK_ARTIFACT = "restore/dvc.lock"  # the run's dvc.lock: which data, embeddings and model to pull
-
-
-def file_md5(path: str | Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def test_set_sha256(frame: pd.DataFrame) -> str:
@@ -125,8 +118,8 @@ def model_key(md5: str, params: Params) -> str:
 
 
 def registered_version(client, name: str, key: str):
-    versions = client.search_model_versions(f"name='{name}'")
-    return next((v for v in versions if v.tags.get("model_key") == key), None)
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get("model_key") == key]
+    return min(versions, key=lambda v: int(v.version), default=None)
 
 
 def alias_holder(client, name: str, alias: str):
@@ -161,11 +154,22 @@ def dvc_remote_url() -> str:
         return ""
 
 
+def git_dirty() -> bool:
+    """Whether tracked code or params differ from the commit: then the commit alone does not restore
+    them. (dvc.lock and reports/ are what the run itself rewrites; the run logs its dvc.lock.)"""
+    import subprocess
+
+    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock",
+                             ":(exclude)reports"], capture_output=True, text=True)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
 def version_tags(params: Params, md5: str, record: dict, model_file: Path) -> dict[str, str]:
     """What restores this version anywhere: the commit, dvc.lock's md5s and the remote."""
     hashes = dvc_hashes()
     return {
-        "model_md5": md5, "git_commit": git_commit(), "dvc.remote_url": dvc_remote_url(),
+        "model_md5": md5, "git_commit": git_commit(), "git_dirty": str(git_dirty()).lower(),
+        "dvc.remote_url": dvc_remote_url(),
         "dvc.prepared_md5": hashes.get(str(storage.PREPARED), "unknown"),
         "dvc.embeddings_md5": hashes.get(str(storage.EMBEDDINGS), "unknown"),
         "dvc.seq2seq_md5": hashes.get(str(model_file.parent), "unknown"),
@@ -184,7 +188,8 @@ def describe(record: dict) -> str:
         rows += [("champion compared", f"v{record['compared_with']}: {c['champion']}"),
                  ("delta (95% CI)", f"{c['delta']:+.2f} [{c['delta_95ci'][0]:+.2f}, {c['delta_95ci'][1]:+.2f}]"),
                  ("paired bootstrap p", c["p_value"])]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    summary = f"{record['alias'] or 'no alias'}: {record['reason']}"  # the registry's table shows the first line
+    return summary + "\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
 def apply_alias(client, name: str, version: str, alias: str | None) -> None:
@@ -236,35 +241,41 @@ def register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame) 
     md5, test_sha = file_md5(model_file), test_set_sha256(test)
     existing = registered_version(client, cfg.model_name, model_key(md5, params))
     champion = alias_holder(client, cfg.model_name, CHAMPION)
-    if existing is not None and champion is not None and str(champion.version) == str(existing.version):
-        # Nothing to compare; the recorded decision stands, so registry.json stays byte-identical.
-        record = json.loads(existing.tags.get("promotion", "{}"))
-        log.info("%s version %s is already the champion", cfg.model_name, existing.version)
-        if record.get("alias") == CHAMPION:
-            return record
-        return {**record, "version": int(existing.version), "alias": CHAMPION, "reason": "made champion by hand"}
-    key = decision_key(params, champion.version if champion else None, test_sha)
+    is_champion = existing is not None and champion is not None and str(champion.version) == str(existing.version)
+    key = decision_key(params, None if is_champion else champion.version if champion else None, test_sha)
     if existing is not None and existing.tags.get("decision_key") == key:
+        # Decided before against this champion, test set and settings. Aliases are re-applied only
+        # when that registration was cut short: a person may have moved them since, on purpose.
         record = json.loads(existing.tags["promotion"])
-        apply_alias(client, cfg.model_name, existing.version, record["alias"])  # a retry may have failed here
+        if existing.tags.get("alias_applied") != "true":
+            apply_alias(client, cfg.model_name, existing.version, record["alias"])
+            client.set_model_version_tag(cfg.model_name, existing.version, "alias_applied", "true")
         log.info("%s version %s: decision unchanged (%s)", cfg.model_name, existing.version, record["reason"])
         return record
 
-    log.info("scoring the new model%s on %d test sentences", " and the champion" if champion else "", len(test))
-    score, comparison = compare_with_champion(params, model_file, champion, test)
-    decision = decide(params, score, comparison)
+    if is_champion:  # today's test split or settings are new: score the champion again, alone
+        score, comparison = compare_with_champion(params, model_file, None, test)
+        decision = Decision(CHAMPION, f"the champion, scored on the current test split: {cfg.metric} {score:.2f}")
+    elif champion is not None and champion.tags.get("model_md5") == md5:
+        score, comparison = compare_with_champion(params, model_file, None, test)
+        decision = Decision(CHAMPION, f"the champion's weights (v{champion.version}) with new search or serving settings")
+    else:
+        log.info("scoring the new model%s on %d test sentences", " and the champion" if champion else "", len(test))
+        score, comparison = compare_with_champion(params, model_file, champion, test)
+        decision = decide(params, score, comparison)
     version = existing or log_and_register(params, model_file, run_id, md5)
     record = {"model": cfg.model_name, "version": int(version.version), "alias": decision.alias,
               "reason": decision.reason, "metric": cfg.metric, "score": score,
-              "compared_with": int(champion.version) if champion else None, "comparison": comparison,
+              "compared_with": int(champion.version) if champion and comparison else None, "comparison": comparison,
               "test_sha256": test_sha, "test_sentences": len(test), "decode": json.loads(decode_settings(params)),
               "run_id": version.run_id, "model_md5": md5}
     for tag, value in {**version_tags(params, md5, record, model_file), "decision_key": key,
-                       "promotion": json.dumps(record)}.items():
+                       "promotion": json.dumps(record), "alias_applied": "false"}.items():
         client.set_model_version_tag(cfg.model_name, version.version, tag, value)
     client.update_model_version(cfg.model_name, version.version, description=describe(record))
     log_to_run(client, version.run_id, record)
     apply_alias(client, cfg.model_name, version.version, decision.alias)
+    client.set_model_version_tag(cfg.model_name, version.version, "alias_applied", "true")
     log.info("%s version %s -> %s (%s)", cfg.model_name, version.version, decision.alias or "no alias", decision.reason)
     return record
 

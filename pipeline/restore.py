@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Params
-from pipeline.registry import LOCK_ARTIFACT, dvc_remote_url, file_md5
+from pipeline.registry import LOCK_ARTIFACT, dvc_remote_url
+from pipeline.storage import file_md5
 from pipeline.tracking import mlflow_setup
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,29 @@ def _run(cmd: list[str], cwd: Path, step: str) -> None:
         raise RestoreError(f"{step} failed ({' '.join(cmd)}):\n{(result.stderr or result.stdout).strip()}")
 
 
+def _pull_version(registered, into: Path) -> tuple[str, str]:
+    """Lay the version's dvc.lock over the worktree, pull its outputs, check the model's md5."""
+    import mlflow
+
+    tags = registered.tags
+    with tempfile.TemporaryDirectory() as tmp:
+        lock = mlflow.artifacts.download_artifacts(run_id=registered.run_id, artifact_path=LOCK_ARTIFACT, dst_path=tmp)
+        shutil.copyfile(lock, into / "dvc.lock")
+    # The remote the version was pushed to, unless this checkout now points elsewhere (config.local).
+    remote = dvc_remote_url() or tags.get("dvc.remote_url", "")
+    if not remote:
+        raise RestoreError("no DVC remote is configured here and the version names none")
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "remote", "add", "--local", "--force", "--default", "restore", remote], into, "dvc remote add")
+    _run([*dvc, "pull"], into, "dvc pull")
+    md5 = file_md5(into / storage.MODEL_FILE)
+    if md5 != tags["model_md5"]:
+        raise RestoreError(f"{into / storage.MODEL_FILE}: md5 {md5} differs from the registered {tags['model_md5']}")
+    return md5, remote
+
+
 def restore(params: Params, version: int, into: Path) -> dict:
     """Check out version `version` of the registered model into a clean git worktree at `into`."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -46,22 +67,17 @@ def restore(params: Params, version: int, into: Path) -> dict:
     if into.exists() and any(into.iterdir()):
         raise RestoreError(f"{into} exists and is not empty")
 
+    if tags.get("git_dirty") == "true":
+        log.warning("version %s was registered from a checkout with uncommitted changes: the code restored is "
+                    "its commit's, not exactly what trained it", version)
     log.info("restoring %s version %s: commit %s into %s", name, version, tags["git_commit"][:10], into)
     _run(["git", "worktree", "add", "--detach", str(into), tags["git_commit"]], Path.cwd(), "git worktree add")
-    with tempfile.TemporaryDirectory() as tmp:
-        lock = mlflow.artifacts.download_artifacts(run_id=registered.run_id, artifact_path=LOCK_ARTIFACT, dst_path=tmp)
-        shutil.copyfile(lock, into / "dvc.lock")
-    # The remote the version was pushed to, unless this checkout now points elsewhere (config.local).
-    remote = dvc_remote_url() or tags.get("dvc.remote_url", "")
-    if not remote:
-        raise RestoreError("no DVC remote is configured here and the version names none")
-    dvc = [sys.executable, "-m", "dvc"]
-    _run([*dvc, "remote", "add", "--local", "--force", "--default", "restore", remote], into, "dvc remote add")
-    _run([*dvc, "pull"], into, "dvc pull")
-
-    md5 = file_md5(into / storage.MODEL_FILE)
-    if md5 != tags["model_md5"]:
-        raise RestoreError(f"{into / storage.MODEL_FILE}: md5 {md5} differs from the registered {tags['model_md5']}")
+    try:
+        md5, remote = _pull_version(registered, into)
+    except BaseException:
+        # A failed restore leaves nothing behind, so that the same command can simply be run again.
+        subprocess.run(["git", "worktree", "remove", "--force", str(into)], capture_output=True)
+        raise
     log.info("restored %s version %s; model md5 %s matches the registry", name, version, md5)
     return {"model": name, "version": int(version), "path": str(into), "git_commit": tags["git_commit"],
             "remote": remote, "model_md5": md5, "registered_md5": tags["model_md5"]}

@@ -113,6 +113,28 @@ def train(params: Params) -> dict:
     return run_training(params)
 
 
+def model_run_id(params: Params) -> str:
+    """The MLflow run of the model in models/seq2seq. `train` records it in .vamos/run.json and tags
+    the run with the model's md5; a model that came from elsewhere (dvc pull, a run-cache restore,
+    a temp experiment) is found by that tag, or gets a run of its own here."""
+    from pipeline.tracking import mlflow_setup
+
+    mlflow = mlflow_setup(params.registry.experiment)
+    md5 = storage.file_md5(storage.MODEL_FILE)
+    if storage.RUN_FILE.exists():
+        run_id = storage.read_json(storage.RUN_FILE)["run_id"]
+        run = mlflow.search_runs(filter_string=f"attributes.run_id = '{run_id}'", output_format="list")
+        if run and run[0].data.tags.get("model_md5") == md5:
+            return run_id
+    tagged = mlflow.search_runs(filter_string=f"tags.model_md5 = '{md5}'", output_format="list",
+                                order_by=["attributes.start_time ASC"])
+    if tagged:
+        return tagged[0].info.run_id
+    log.warning("no MLflow run in this store trained %s (md5 %s): logging to a new run", storage.MODEL_FILE, md5)
+    with mlflow.start_run(tags={"model_md5": md5, "trained_elsewhere": "true"}) as run:
+        return run.info.run_id
+
+
 def evaluate(params: Params) -> dict:
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.model import load_translator
@@ -122,9 +144,8 @@ def evaluate(params: Params) -> dict:
     translator = load_translator(storage.MODEL_FILE, pick_device(params.train.device))
     metrics = run_evaluation(translator, pd.read_parquet(split_path("test")), params.evaluate, storage.REPORTS)
     storage.write_json(storage.REPORTS / "metrics.json", {"test": metrics})
-    run = storage.read_json(storage.RUN_FILE)
     mlflow = mlflow_setup(params.registry.experiment)
-    with mlflow.start_run(run_id=run["run_id"]):
+    with mlflow.start_run(run_id=model_run_id(params)):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
         mlflow.log_metrics({f"test_greedy_{k}": v for k, v in metrics["greedy"].items()})
         mlflow.log_artifact(str(storage.REPORTS / "samples.md"))
@@ -138,8 +159,7 @@ def evaluate(params: Params) -> dict:
 def register(params: Params) -> dict:
     from pipeline.registry import register as register_model
 
-    run = storage.read_json(storage.RUN_FILE)
-    result = register_model(params, storage.MODEL_FILE, run["run_id"], pd.read_parquet(split_path("test")))
+    result = register_model(params, storage.MODEL_FILE, model_run_id(params), pd.read_parquet(split_path("test")))
     storage.write_json(storage.REPORTS / "registry.json", result)
     return result
 

@@ -1,6 +1,7 @@
 """Atomic writes and the project's file layout: an interrupted stage never leaves half a file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -60,6 +61,14 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_md5(path: str | Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> None:

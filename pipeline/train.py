@@ -563,6 +563,7 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
                           run_dir, device, planned_steps(cfg, corpus.train, params.seed), mlflow)
         stop_reason = trainer.run()
         averaged_bleu = trainer.final_model(out_dir / "model.pt")
+        mlflow.set_tag("model_md5", storage.file_md5(out_dir / "model.pt"))  # how evaluate/register find this run
         summary = write_reports(trainer, stop_reason, averaged_bleu, (src_cov, tgt_cov), reports)
     except BaseException:
         mlflow.end_run("FAILED")  # a later `vamos train` resumes it from the checkpoint

@@ -106,7 +106,7 @@ def test_evaluate_lexicon_switches_need_train_lexicon(tmp_path):
 
     for switch in ("unk_dictionary", "shortlist"):
         path = tmp_path / f"{switch}.yaml"
-        path.write_text(yaml.safe_dump(small_params(**{f"evaluate.{switch}": True})))
+        path.write_text(yaml.safe_dump(small_params(**{f"evaluate.{switch}": True, "train.lexicon": False})))
         with pytest.raises(ParamsError, match=rf"evaluate\.{switch}.*train\.lexicon: true"):
             load_params(path)
         path.write_text(yaml.safe_dump(small_params(**{f"evaluate.{switch}": True, "train.lexicon": True})))

@@ -143,3 +143,24 @@ def test_run_has_params_metrics_and_tags(trained_copy):
         assert key in run.data.metrics
     assert len(MlflowClient().get_metric_history(run.info.run_id, "valid_loss")) >= 1
     assert run.data.tags["git_commit"] and "dvc.prepared_md5" in run.data.tags
+
+
+def test_a_repeat_register_leaves_a_hand_moved_alias_alone(trained_copy):
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)  # v2, challenger
+    client = MlflowClient()
+    client.set_registered_model_alias(NAME, CHALLENGER, "1")  # a person's choice, on purpose
+    again = register(params, trained_copy / "broken.pt", run_id, test)  # the nightly repeat, same decision
+    assert again["version"] == 2 and int(client.get_model_version_by_alias(NAME, CHALLENGER).version) == 1
+
+
+def test_the_champions_weights_with_new_settings_become_champion(trained_copy):
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    limits = Params.model_validate({**params.model_dump(by_alias=True), "serve": {"max_sentences": 8}})
+    record = register(limits, MODEL_FILE, run_id, test)
+    assert record["version"] == 2 and record["alias"] == CHAMPION and record["comparison"] is None
+    assert "new search or serving settings" in record["reason"]
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
+    assert model.metadata.get_model_info().model_uri  # loads, with its own settings

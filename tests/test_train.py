@@ -219,7 +219,7 @@ def test_fingerprint_covers_computation_not_speed(tmp_path):
     for speed_or_stop in ({"threads": 3}, {"checkpoint_every": 7}, {"epochs": 30}, {"max_minutes": 5.0},
                           {"patience": 9}, {"max_steps": 100}):
         assert fingerprint(params.model_copy(update={"train": params.train.model_copy(update=speed_or_stop)}), []) == base
-    for computation in ({"device": "cuda"}, {"input_feeding": False}, {"sampled_softmax": 10}):
+    for computation in ({"device": "cuda"}, {"input_feeding": not params.train.input_feeding}, {"sampled_softmax": 10}):
         assert fingerprint(params.model_copy(update={"train": params.train.model_copy(update=computation)}), []) != base
     cosine = params.model_copy(update={"train": params.train.model_copy(update={"lr_schedule": "cosine"})})
     longer = params.model_copy(update={"train": cosine.train.model_copy(update={"epochs": 30})})
