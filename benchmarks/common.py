@@ -5,7 +5,7 @@ import yaml
 
 from pipeline.config import Params, load_params
 from pipeline.data import load_corpus, load_split, load_vocabs
-from pipeline.storage import EMBEDDINGS
+from pipeline.storage import EMBEDDINGS, MODEL_FILE
 from pipeline.train import initial_model, pick_device
 
 
@@ -61,8 +61,15 @@ def decoding_setup(params: Params, data_root, split: str):
         sources = synthetic_sources(src_vocab, SYNTHETIC_SENTENCES, params.seed)
         notes.append(f"no {data_root}/{split}.parquet: {len(sources)} synthetic sentences "
                      f"(gamma lengths, mean {np.mean([len(s) for s in sources]):.1f} tokens)")
-    if (EMBEDDINGS / "src.w2v").exists():
+    if MODEL_FILE.exists() and (data_root / f"{split}.parquet").exists():
+        # The trained model: it stops where a translation ends, as served (its own vocabularies).
+        from pipeline.model import load_model
+
+        model, src_vocab, tgt_vocab, _, _ = load_model(MODEL_FILE, device)
+        notes.append(f"the trained model {MODEL_FILE}")
+    elif (EMBEDDINGS / "src.w2v").exists():
         model, _, _ = initial_model(params, src_vocab, tgt_vocab, EMBEDDINGS, device)
+        notes.append("an untrained model (no models/seq2seq/model.pt): it runs every sentence to its limit")
     else:
         cfg = params.train
         model = Seq2Seq(ModelConfig(
