@@ -53,12 +53,16 @@ def test_outputs_do_not_depend_on_padding_or_batch_mates():
     assert torch.allclose(alone[0], batched[1], atol=1e-5)
 
 
+def teacher_forced(model):
+    """The toy batch's attentional states and its targets (5 real words, one row padded)."""
+    src, src_len = source_batch()
+    attentional, _ = model(src, src_len, torch.tensor([[SOS_ID, 4, 5], [SOS_ID, 6, 0]]))
+    return attentional, torch.tensor([[4, 5, 3], [6, 3, 0]])
+
+
 def test_sampled_softmax_trains_and_full_softmax_evaluates():
     model = make_model(tie_embeddings=True).train()
-    src, src_len = source_batch()
-    tgt_in = torch.tensor([[SOS_ID, 4, 5], [SOS_ID, 6, 0]])
-    tgt_out = torch.tensor([[4, 5, 3], [6, 3, 0]])
-    attentional, _ = model(src, src_len, tgt_in)
+    attentional, tgt_out = teacher_forced(model)
     loss, tokens = sequence_loss(model, attentional, tgt_out, negatives=5, label_smoothing=0.1)
     assert tokens == 5 and torch.isfinite(loss)
     loss.backward()
@@ -123,10 +127,7 @@ def test_sampled_softmax_tends_to_the_full_softmax():
 
 def test_sampled_softmax_pushes_pad_and_sos_down():
     model = make_model(tie_embeddings=False).train()
-    src, src_len = source_batch()
-    tgt_in = torch.tensor([[SOS_ID, 4, 5], [SOS_ID, 6, 0]])
-    tgt_out = torch.tensor([[4, 5, 3], [6, 3, 0]])
-    attentional, _ = model(src, src_len, tgt_in)
+    attentional, tgt_out = teacher_forced(model)
     loss, _ = sequence_loss(model, attentional, tgt_out, negatives=5, label_smoothing=0.1)
     assert torch.isfinite(loss)
     loss.backward()
