@@ -15,6 +15,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="vamos: train, evaluate, register and use an English->Spanish translator.")
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file")
 
+# How `vamos <stage>` exits, by cause. The Prefect flow (flows/pipeline_flow.py) retries by these codes alone.
+EXIT_CRASH = 1  # a bug or another unexpected failure: the traceback is printed; retrying would fail alike
+EXIT_BAD_INPUT = 2  # bad params or bad input; the message names the key or the file; not retried
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL (sysexits.h): a lock or a busy database; retried with back-off
+
 
 def _setup_logging() -> None:
     from rich.logging import RichHandler
@@ -42,7 +47,41 @@ def _run_stage(name: str, params_file: Path) -> None:
         STAGES[name](params)
     except (ParamsError, CorpusError, FileNotFoundError) as e:
         _stderr_console().print(f"[bold red]vamos {name}: error:[/] {e}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except Exception as e:  # noqa: BLE001 - every other failure leaves with its traceback and a code by cause
+        import traceback
+
+        traceback.print_exc()
+        if is_temporary(e):
+            _stderr_console().print(f"[bold red]vamos {name}: busy:[/] {e} (a lock or a busy database: "
+                                    f"exit {EXIT_TEMPFAIL}, try again later)")
+            raise typer.Exit(EXIT_TEMPFAIL) from None
+        _stderr_console().print(f"[bold red]vamos {name}: crashed:[/] {type(e).__name__}: {e}")
+        raise typer.Exit(EXIT_CRASH) from None
+
+
+def is_temporary(error: BaseException) -> bool:
+    """A lock held by another process or a busy database, anywhere in the exception's chain: SQLite's
+    SQLITE_BUSY/SQLITE_LOCKED (also as SQLAlchemy's or MLflow's wrapper of it), MLflow's
+    TEMPORARILY_UNAVAILABLE, DVC's LockError, a file lock's timeout."""
+    import sqlite3
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sqlite3.OperationalError):
+            code = getattr(error, "sqlite_errorname", "")  # Python 3.11+
+            if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or (
+                    not code and ("database is locked" in str(error) or "database is busy" in str(error))):
+                return True
+        if getattr(error, "error_code", None) == "TEMPORARILY_UNAVAILABLE":  # MlflowException
+            return True
+        kind = f"{type(error).__module__}.{type(error).__qualname__}"
+        if kind in ("dvc.lock.LockError", "filelock._error.Timeout", "zc.lockfile.LockError"):
+            return True
+        orig = getattr(error, "orig", None)  # sqlalchemy.exc.DBAPIError holds the driver's exception
+        error = orig if isinstance(orig, BaseException) and id(orig) not in seen else (error.__cause__ or error.__context__)
+    return False
 
 
 def _stage_command(name: str, doc: str) -> None:

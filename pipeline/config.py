@@ -187,6 +187,26 @@ class ServeParams(Strict):
     max_sentence_tokens: int = Field(128, ge=1)  # Moses tokens; training kept sides of <= 80 words
 
 
+class FlowParams(Strict):
+    """The Prefect flow's limits (flows/pipeline_flow.py). No DVC stage reads them, so a change reruns nothing."""
+
+    stage_timeout_minutes: float = Field(60, gt=0)  # a stage still running then is killed and the run fails naming it
+    # train's timeout when train.max_minutes is null; with a budget it is max_minutes * 1.5 + 30 (setup, the last
+    # validation, the lexicon and saving come on top of the budget)
+    train_timeout_minutes: float = Field(360, gt=0)
+    stage_timeouts: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # per stage; wins
+    # a stage that exits 75 (EX_TEMPFAIL: a lock or a busy database) is retried after each of these in turn
+    retry_delays_seconds: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [30, 120, 480],
+                                                                      max_length=10)
+
+    def timeout_minutes(self, stage: str, train: "TrainParams") -> float:
+        if stage in self.stage_timeouts:
+            return self.stage_timeouts[stage]
+        if stage == "train":
+            return train.max_minutes * 1.5 + 30 if train.max_minutes else self.train_timeout_minutes
+        return self.stage_timeout_minutes
+
+
 class Params(Strict):
     seed: int = 1234
     ingest: IngestParams = IngestParams()
@@ -197,6 +217,7 @@ class Params(Strict):
     # "register" would shadow a pydantic method, so the field has another name.
     registry: RegisterParams = Field(RegisterParams(), alias="register")
     serve: ServeParams = ServeParams()
+    flow: FlowParams = FlowParams()
 
     @model_validator(mode="after")
     def _split_leaves_training_data(self) -> "Params":
