@@ -1,0 +1,182 @@
+"""prefect.yaml on a process work pool, as the README tells a user to run it: a real `prefect server
+start`, `prefect work-pool create`, `prefect deploy`, and `prefect worker start` in subprocesses,
+against a tiny DVC checkout; plus the one-run-at-a-time rule, in prefect.yaml and in serve()."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.deploy import CONCURRENCY, DEFAULT_CRON, build_deployment
+from tests.conftest import REPO, make_dvc_repo, run
+
+BIN = Path(sys.executable).parent
+
+
+def nightly() -> dict:
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    [deployment] = [d for d in config["deployments"] if d["name"] == "nightly"]
+    return deployment
+
+
+def test_prefect_yaml_deploys_the_flow_on_the_vamos_pool_like_serve():
+    from prefect.flows import load_flow_from_entrypoint
+
+    config, deployment = yaml.safe_load((REPO / "prefect.yaml").read_text()), nightly()
+    flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
+    assert flow.name == "vamos-pipeline"
+    assert deployment["work_pool"]["name"] == "vamos"
+    assert [s["cron"] for s in deployment["schedules"]] == [DEFAULT_CRON]
+    # serve() and the work pool allow one run at a time, and cancel the one that collides
+    assert deployment["concurrency_limit"] == {"limit": CONCURRENCY.limit,
+                                               "collision_strategy": CONCURRENCY.collision_strategy.value}
+    served = build_deployment()
+    assert (served.concurrency_limit, served.concurrency_options.collision_strategy) == (1, CONCURRENCY.collision_strategy)
+    # local code: no pull step reaches the network
+    steps = [name for step in config["pull"] for name in step]
+    assert steps == ["prefect.deployments.steps.set_working_directory"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline_env(home: Path, api_url: str) -> dict[str, str]:
+    """What every Prefect process of the test gets: its own PREFECT_HOME and server, no telemetry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING_URI"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(home), PREFECT_API_URL=api_url,
+        DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
+        DVC_NO_ANALYTICS="1", PREFECT_UI_ENABLED="false",
+        # no nightly run may start by itself during the test (the schedule is checked, not waited for)
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_HEARTBEAT_SECONDS="5",
+    )
+    return env
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], env: dict, cwd: Path, log: Path):
+    """A subprocess in its own process group, its output in `log`; stopped (SIGINT, as Ctrl-C
+    would, then SIGKILL) and waited for on the way out."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def wait_healthy(api_url: str, server, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def prefect(*args: str, env: dict, cwd: Path) -> str:
+    result = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def checkout(root: Path) -> Path:
+    """A user's checkout: the real dvc.yaml, pipeline/ and flows/ and prefect.yaml, tiny params."""
+    repo = make_dvc_repo(root)
+    shutil.copytree(REPO / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "prefect.yaml", repo / "prefect.yaml")
+    for cmd in (["git", "add", "flows", "prefect.yaml"], ["git", "commit", "-qm", "flows"]):
+        assert run(cmd, repo).returncode == 0
+    return repo
+
+
+async def wait_for(client, flow_run_id, done, timeout: float, worker_log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        flow_run = await client.read_flow_run(flow_run_id)
+        if done(flow_run.state):
+            return flow_run
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"flow run {flow_run_id} is {flow_run.state!r} after {timeout}s; worker:\n"
+                         f"{worker_log.read_text()[-6000:]}")
+
+
+@pytest.mark.slow
+def test_a_worker_runs_the_deployment_and_a_colliding_run_is_cancelled(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    repo = checkout(tmp_path / "checkout")
+    api_url = f"http://127.0.0.1:{free_port()}/api"
+    env = offline_env(tmp_path / "prefect-home", api_url)
+    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+    port = api_url.rsplit(":", 1)[1].split("/")[0]
+    with process([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+                 env, tmp_path, server_log) as server:
+        wait_healthy(api_url, server, server_log)
+        # the README's three commands, from the checkout
+        prefect("work-pool", "create", "vamos", "--type", "process", env=env, cwd=repo)
+        deployed = prefect("--no-prompt", "deploy", "-n", "nightly", env=env, cwd=repo)
+        assert "vamos-pipeline/nightly" in deployed
+        with temporary_settings({PREFECT_API_URL: api_url}), \
+                process([str(BIN / "prefect"), "worker", "start", "--pool", "vamos"], env, repo, worker_log) as worker:
+            first, second, deployment = asyncio.run(two_runs(get_client, worker_log))
+            assert worker.poll() is None
+        assert worker.returncode is not None  # stopped by the test (SIGINT), and waited for
+    print(f"\n--- prefect deploy ---\n{deployed}\n--- worker output ---\n{worker_log.read_text()}")
+
+    assert deployment.work_pool_name == "vamos"
+    assert [s.schedule.cron for s in deployment.schedules] == [DEFAULT_CRON]
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(repo.resolve())}}]
+
+    assert first.state.is_completed(), first.state
+    assert second.state.is_cancelled() and "concurrency limit" in second.state.message.lower(), second.state
+    # the run reproduced the checkout's pipeline: a model was trained, evaluated and registered
+    assert (repo / "reports" / "metrics.json").exists() and (repo / "models" / "seq2seq" / "model.pt").exists()
+    assert json.loads((repo / "reports" / "registry.json").read_text())["alias"] == "champion"
+    log = worker_log.read_text()
+    assert str(first.id) in log and "Completed" in log
+
+
+async def two_runs(get_client, worker_log: Path):
+    """Run the deployment; once the worker has started it, run it again: the second is cancelled."""
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("vamos-pipeline/nightly")
+        first = await client.create_flow_run_from_deployment(deployment.id)
+        await wait_for(client, first.id, lambda s: s.is_running() or s.is_final(), 90, worker_log)
+        second = await client.create_flow_run_from_deployment(deployment.id)
+        second = await wait_for(client, second.id, lambda s: s.is_final(), 60, worker_log)
+        first = await wait_for(client, first.id, lambda s: s.is_final(), 300, worker_log)
+        return first, second, deployment
