@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline import storage
+from pipeline import distributed, storage
 from pipeline.config import Params, TrainParams
 from pipeline.data import Corpus, ParallelData, load_corpus
 from pipeline.decode import Translator
 from pipeline.embeddings import embedding_matrix
 from pipeline.lexicon import build_lexicon
 from pipeline.model import ModelConfig, Seq2Seq, save_model
-from pipeline.text import PAD_ID, SOS_ID, Tokenizer, tokenizers
+from pipeline.text import EOS_ID, PAD_ID, SOS_ID, Tokenizer, tokenizers
 from pipeline.tracking import dvc_hashes, experiment_name, flatten, git_commit, mlflow_setup
 
 __all__ = ["pick_device", "sequence_loss", "train_step", "train", "tokenizers", "initial_model"]
@@ -67,17 +67,21 @@ def log_uniform(vocab_size: int, device: torch.device) -> torch.Tensor:
 
 
 def sampled_logits(hidden: torch.Tensor, gold: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   negatives: int, gold_words: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled softmax with the log-Q correction, shared by the batch. The candidates are the
     batch's gold words, <pad> and <sos>, all certain members that count exactly (uncorrected), plus
     the other words among `negatives` draws from log_uniform, each logit lowered by the log of its
     inclusion probability 1 - (1 - p)^negatives. The draws' exp-logits are then an unbiased
     (Horvitz-Thompson) estimate of the rest of the softmax's normaliser, so a rare gold word is not
     favoured for being present, and as `negatives` grows the loss tends to the full softmax's.
-    Returns (logits N x C, each position's gold column)."""
-    certain = torch.unique(torch.cat([gold, torch.tensor(ALWAYS_NEGATIVE, device=gold.device)]))  # sorted
+    Returns (logits N x C, each position's gold column). Under DDP a rank holds part of the batch:
+    `gold_words` (the whole batch's gold words, a superset of `gold`) and `generator` (advanced in
+    lockstep on every rank) give every rank the candidates one process would use."""
+    words = gold if gold_words is None else gold_words
+    certain = torch.unique(torch.cat([words, torch.tensor(ALWAYS_NEGATIVE, device=gold.device)]))  # sorted
     probs = log_uniform(weight.size(0), gold.device)
-    drawn = torch.unique(torch.multinomial(probs, negatives, replacement=True))
+    drawn = torch.unique(torch.multinomial(probs, negatives, replacement=True, generator=generator))
     drawn = drawn[~torch.isin(drawn, certain)]
     log_inclusion = torch.log(-torch.expm1(negatives * torch.log1p(-probs[drawn])))
     candidates = torch.cat([certain, drawn])
@@ -87,7 +91,8 @@ def sampled_logits(hidden: torch.Tensor, gold: torch.Tensor, weight: torch.Tenso
 
 
 def sequence_loss(model: Seq2Seq, attentional: torch.Tensor, targets: torch.Tensor, negatives: int,
-                  label_smoothing: float) -> tuple[torch.Tensor, int]:
+                  label_smoothing: float, gold_words: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over real (non-pad) target positions, all time steps at once: sampled
     softmax in training when 0 < `negatives` < vocabulary (most of the saving on a CPU), else and in
     evaluation the full softmax."""
@@ -95,7 +100,7 @@ def sequence_loss(model: Seq2Seq, attentional: torch.Tensor, targets: torch.Tens
     hidden, gold = attentional[mask], targets[mask]
     weight, bias = model.generator.weight, model.generator.bias
     if model.training and 0 < negatives < weight.size(0):
-        logits, gold_columns = sampled_logits(hidden, gold, weight, bias, negatives)
+        logits, gold_columns = sampled_logits(hidden, gold, weight, bias, negatives, gold_words, generator)
     else:
         logits, gold_columns = F.linear(hidden, weight, bias).float(), gold
     loss = F.cross_entropy(logits, gold_columns, reduction="sum", label_smoothing=label_smoothing)
@@ -107,13 +112,27 @@ def autocast(cfg: TrainParams, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
 
 
-def train_step(model: Seq2Seq, optimizer, batch, cfg: TrainParams) -> tuple[float, int]:
-    """One teacher-forced update; returns the summed loss and the number of target tokens."""
-    with autocast(cfg, batch.src.device):
-        attentional, _ = model(batch.src, batch.src_len, batch.tgt_in, cfg.teacher_forcing)
-        loss, tokens = sequence_loss(model, attentional, batch.tgt_out, cfg.sampled_softmax, cfg.label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    (loss / tokens).backward()
+def train_step(model: Seq2Seq, optimizer, batch, cfg: TrainParams, net=None,
+               shard: distributed.Shard | None = None) -> tuple[float, int]:
+    """One teacher-forced update; returns the summed loss and the number of target tokens.
+    Under DDP, `net` is the DistributedDataParallel wrapper of `model` and `batch` this rank's
+    `shard` of the global batch: the loss is divided by the global batch's tokens and multiplied
+    by the world size (DDP averages gradients), so the reduced gradient is one process's; the
+    loss returned is still this rank's sum (the caller adds up the ranks')."""
+    if shard is None:
+        with autocast(cfg, batch.src.device):
+            attentional, _ = model(batch.src, batch.src_len, batch.tgt_in, cfg.teacher_forcing)
+            loss, tokens = sequence_loss(model, attentional, batch.tgt_out, cfg.sampled_softmax, cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        (loss / tokens).backward()
+    else:
+        with autocast(cfg, batch.src.device):
+            attentional, _ = net(batch.src, batch.src_len, batch.tgt_in, cfg.teacher_forcing)
+            loss, _ = sequence_loss(model, attentional, batch.tgt_out, cfg.sampled_softmax, cfg.label_smoothing,
+                                    shard.gold_words, shard.generator)
+        optimizer.zero_grad(set_to_none=True)
+        (loss * (shard.weight * shard.world_size / shard.tokens)).backward()
+        loss, tokens = loss * shard.weight, shard.tokens
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     optimizer.step()
     return loss.item(), tokens
@@ -210,7 +229,7 @@ def validation_bleu(translator: Translator, valid: ValidationSet) -> float:
 NOT_IN_FINGERPRINT = {"epochs", "max_steps", "patience", "smoothing", "max_minutes", "checkpoint_every", "threads",
                       "lexicon"}
 # Everything `train` runs that can change what it computes (decode.py: validation BLEU picks the model).
-CODE = ["train.py", "data.py", "text.py", "embeddings.py", "decode.py", "lexicon.py", "model/*.py"]
+CODE = ["train.py", "distributed.py", "data.py", "text.py", "embeddings.py", "decode.py", "lexicon.py", "model/*.py"]
 
 
 def fingerprint(params: Params, inputs: list[Path]) -> str:
@@ -265,9 +284,13 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
-def save_checkpoint(path: Path, model, optimizer, progress: Progress) -> None:
+def save_checkpoint(path: Path, model, optimizer, progress: Progress, rng: dict | None = None,
+                    extra: dict | None = None) -> None:
+    """`model` is the plain module, never a DDP wrapper, so any checkpoint loads in one process.
+    Under DDP, `rng` is rank 0's random state and `extra` holds every rank's and the shared
+    candidate generator's."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress.__dict__,
-             "rng": rng_state()}
+             "rng": rng or rng_state(), **(extra or {})}
     with storage.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -277,6 +300,50 @@ def load_checkpoint(path: Path, model, optimizer, device) -> Progress:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
+    if "candidates_rng" in state:  # written under DDP: one process draws its negatives where DDP left off
+        set_default_generator_state(state["candidates_rng"], device)
+    return Progress(**state["progress"])
+
+
+def set_default_generator_state(generator_state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(generator_state.cpu(), device)
+    else:
+        torch.set_rng_state(generator_state.cpu())
+
+
+def default_generator_state(rng: dict, device: torch.device) -> torch.Tensor:
+    """The state of `device`'s default generator in an `rng_state()`."""
+    if device.type == "cuda":
+        return rng["cuda"][device.index or 0].cpu()
+    return rng["torch"].cpu()
+
+
+def load_distributed_checkpoint(path: Path, model, optimizer, device, dist: distributed.Distributed,
+                                generator: torch.Generator, seed: int) -> Progress | None:
+    """Rank 0 reads the checkpoint (if any) and sends it to every rank (nodes need not share a
+    disk), so all ranks resume from the same state; each takes its own random state back, or,
+    from a checkpoint of another world size, rank 0 takes the saved one and the others a seed of
+    their own. Returns None (on every rank) when there is no checkpoint."""
+    state = None
+    if dist.is_main and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = dist.broadcast(state)
+    if state is None:
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    ranks = state.get("rng_ranks")
+    if ranks and len(ranks) == dist.world_size:
+        set_rng_state(ranks[dist.rank])
+    else:
+        set_rng_state(state["rng"])
+        if not dist.is_main:
+            torch.manual_seed(distributed.rank_seed(seed + state["progress"]["step"], dist.rank))
+    # One process draws its negatives from the default generator: a one-process checkpoint's
+    # state of it is where the shared generator goes on.
+    generator.set_state(state["candidates_rng"].cpu() if "candidates_rng" in state
+                        else default_generator_state(state["rng"], device))
     return Progress(**state["progress"])
 
 
@@ -398,15 +465,25 @@ class Trainer:
     run_dir: Path
     device: torch.device
     total_steps: int
-    mlflow: object
+    mlflow: object  # None on ranks other than 0
     tokens_per_sec: float = 0.0  # of the last stretch of updates
+    dist: distributed.Distributed = distributed.SINGLE
+    net: torch.nn.Module | None = None  # the DistributedDataParallel wrapper of `model` under DDP
+    generator: torch.Generator | None = None  # under DDP: the negatives' generator, shared by all ranks
+    # VAMOS_LOSS_LOG=path: append each update's "step<TAB>summed loss<TAB>tokens" (rank 0), e.g. to
+    # compare the loss curves of one process and of DDP.
+    loss_log: Path | None = field(default_factory=lambda: Path(os.environ["VAMOS_LOSS_LOG"])
+                                  if os.environ.get("VAMOS_LOSS_LOG") else None)
 
     @property
     def cfg(self) -> TrainParams:
         return self.params.train
 
     def time_is_up(self) -> bool:
-        return self.cfg.max_minutes is not None and self.progress.elapsed >= self.cfg.max_minutes * 60
+        """Under DDP rank 0's clock decides, for every rank (a collective: all ranks call it)."""
+        if self.cfg.max_minutes is None:
+            return False
+        return self.dist.broadcast(self.progress.elapsed >= self.cfg.max_minutes * 60)
 
     def stop_reason(self) -> str | None:
         cfg, progress = self.cfg, self.progress
@@ -425,16 +502,25 @@ class Trainer:
         """Updates from the saved position to the end of the epoch, or until max_steps or the time
         budget; returns the seconds spent."""
         cfg, progress, data = self.cfg, self.progress, self.corpus.train
-        self.model.train()
+        (self.net or self.model).train()
         epoch_start, tokens_here = time.monotonic(), 0
         bar = tqdm(total=len(batches), initial=progress.batch, unit="batch", mininterval=5.0,
-                   desc=f"epoch {progress.epoch + 1}/{cfg.epochs}")
+                   desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main)
         for rows in batches[progress.batch:]:
             if (cfg.max_steps is not None and progress.step >= cfg.max_steps) or self.time_is_up():
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, progress.step, self.total_steps, progress.plateau_scale)
-            loss, tokens = train_step(self.model, self.optimizer, data.make_batch(rows).to(self.device), cfg)
+            if self.dist.enabled:  # this rank's sentences of the global batch; the loss summed over ranks
+                shard = self.dist.shard(rows, data.tgt, EOS_ID, self.device, self.generator)
+                loss, tokens = train_step(self.model, self.optimizer, data.make_batch(shard.rows).to(self.device),
+                                          cfg, self.net, shard)
+                loss = self.dist.sum(loss, self.device)
+            else:
+                loss, tokens = train_step(self.model, self.optimizer, data.make_batch(rows).to(self.device), cfg)
+            if self.loss_log is not None and self.dist.is_main:
+                with open(self.loss_log, "a") as f:
+                    f.write(f"{progress.step + 1}\t{loss!r}\t{tokens}\n")
             progress.step, progress.batch = progress.step + 1, progress.batch + 1
             progress.epoch_loss, progress.epoch_tokens = progress.epoch_loss + loss, progress.epoch_tokens + tokens
             progress.elapsed = time.monotonic() - started
@@ -444,12 +530,34 @@ class Trainer:
                 rate = tokens_here / max(time.monotonic() - epoch_start, 1e-9)
                 bar.set_postfix(loss=f"{progress.epoch_loss / progress.epoch_tokens:.3f}", tok_s=f"{rate:,.0f}")
             if progress.step % cfg.checkpoint_every == 0:
-                save_checkpoint(self.run_dir / "last.pt", self.model, self.optimizer, progress)
+                self.checkpoint()
         bar.close()
         self.tokens_per_sec = tokens_here / max(time.monotonic() - epoch_start, 1e-9)
         return time.monotonic() - epoch_start
 
-    def validate(self, batches_in_epoch: int) -> dict:
+    def checkpoint(self) -> None:
+        """last.pt; under DDP a collective: rank 0 writes it with every rank's random state."""
+        path = self.run_dir / "last.pt"
+        if not self.dist.enabled:
+            save_checkpoint(path, self.model, self.optimizer, self.progress)
+            return
+        states = self.dist.gather(rng_state())
+        if self.dist.is_main:
+            save_checkpoint(path, self.model, self.optimizer, self.progress, rng=states[0],
+                            extra={"rng_ranks": states, "candidates_rng": self.generator.get_state()})
+
+    def validate(self, batches_in_epoch: int) -> None:
+        """Rank 0 scores the model while the others wait at a barrier; then every rank takes rank
+        0's progress (history, best score, plateau scale, epoch), so the stopping rules, the
+        best model and the schedule are rank 0's decisions on every rank; then last.pt."""
+        if self.dist.is_main:
+            self.score(batches_in_epoch)
+        if self.dist.enabled:
+            self.dist.barrier()
+            self.progress.__dict__.update(self.dist.broadcast(self.progress.__dict__))
+        self.checkpoint()
+
+    def score(self, batches_in_epoch: int) -> dict:
         """Score the model now, keep the best and the snapshots, and at the end of a whole epoch
         (never a cut one: a part of an epoch is a noisier, smaller measurement) let the plateau
         schedule act on the validation loss."""
@@ -479,7 +587,6 @@ class Trainer:
             else:  # halve the rate once validation loss stops falling
                 progress.plateau_scale *= cfg.lr_decay
             progress.epoch, progress.batch, progress.epoch_loss, progress.epoch_tokens = progress.epoch + 1, 0, 0.0, 0
-        save_checkpoint(self.run_dir / "last.pt", self.model, self.optimizer, progress)
         return record
 
     @property
@@ -529,26 +636,64 @@ class Trainer:
 def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = storage.EMBEDDINGS,
           out_dir: Path = storage.SEQ2SEQ, reports: Path = storage.REPORTS,
           checkpoints: Path = storage.CHECKPOINTS) -> dict:
+    """Train in this process, or, under torchrun (WORLD_SIZE set), as one rank of a data-parallel
+    training (pipeline.distributed): every rank returns rank 0's summary."""
     cfg = params.train
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     np.random.seed(params.seed)
-    device = pick_device(cfg.device)
+    dist, device = distributed.init(pick_device(cfg.device))
+    try:
+        return _train(params, dist, device, prepared, embeddings, out_dir, reports, checkpoints)
+    finally:
+        dist.close()
+
+
+def _train(params: Params, dist: distributed.Distributed, device: torch.device, prepared: Path, embeddings: Path,
+           out_dir: Path, reports: Path, checkpoints: Path) -> dict:
+    cfg = params.train
     if device.type == "cpu":
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        # `threads` is per process; 0 is all cores in one process, a fair share of them per rank under DDP.
+        torch.set_num_threads(cfg.threads or (distributed.threads_per_rank(cores, dist.local_world_size)
+                                              if dist.enabled else cores))
     corpus = load_corpus(prepared)
     src_tok, tgt_tok = tokenizers(params)
     model, src_cov, tgt_cov = initial_model(params, corpus.src_vocab, corpus.tgt_vocab, embeddings, device)
     log.info("model: %s parameters; embedding coverage src %.1f%%, tgt %.1f%%",
              f"{sum(p.numel() for p in model.parameters()):,}", 100 * src_cov, 100 * tgt_cov)
+    net, generator = None, None
+    if dist.enabled:
+        # The negatives' generator starts where one process's draws would (same on every rank);
+        # dropout and teacher forcing then draw from a stream of each rank's own.
+        generator = distributed.shared_generator(device)
+        if not dist.is_main:
+            torch.manual_seed(distributed.rank_seed(params.seed, dist.rank))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     inputs = [prepared / f for f in ("train.parquet", "valid.parquet", "vocab.src.json", "vocab.tgt.json")]
     run_dir = checkpoints / fingerprint(params, inputs + sorted(embeddings.glob("*.w2v")))
     progress = Progress()
-    if (run_dir / "last.pt").exists():
+    if dist.enabled:
+        progress = load_distributed_checkpoint(run_dir / "last.pt", model, optimizer, device, dist, generator,
+                                               params.seed) or progress
+    elif (run_dir / "last.pt").exists():
         progress = load_checkpoint(run_dir / "last.pt", model, optimizer, device)
+    if progress.step:
         log.info("resuming from %s: epoch %d, batch %d, step %d", run_dir / "last.pt", progress.epoch + 1,
                  progress.batch, progress.step)
+    if dist.enabled:  # after the checkpoint: DDP starts every rank from rank 0's weights
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if not dist.is_main:  # rank 0 alone logs, validates and writes the model and reports
+        trainer = Trainer(params, model, optimizer, corpus, ValidationSet.of(corpus.valid, src_tok),
+                          Translator(model, src_tok, tgt_tok, corpus.src_vocab, corpus.tgt_vocab, device), progress,
+                          run_dir, device, planned_steps(cfg, corpus.train, params.seed), None, dist=dist, net=net,
+                          generator=generator)
+        trainer.progress.__dict__.update(dist.broadcast(None))  # the MLflow run id
+        trainer.run()
+        dist.barrier()  # rank 0 writes the final model and the reports
+        return dist.broadcast(None)
 
     mlflow = mlflow_setup(params.registry.experiment)
     run, is_new = start_run(mlflow, progress)
@@ -557,10 +702,15 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
         if is_new:
             log_run_start(mlflow, params, progress, previous_run, (src_cov, tgt_cov), reports, prepared, embeddings,
                           device)
+            if dist.enabled:
+                mlflow.log_params({"distributed.world_size": dist.world_size})
         storage.write_json(storage.RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
         trainer = Trainer(params, model, optimizer, corpus, ValidationSet.of(corpus.valid, src_tok),
                           Translator(model, src_tok, tgt_tok, corpus.src_vocab, corpus.tgt_vocab, device), progress,
-                          run_dir, device, planned_steps(cfg, corpus.train, params.seed), mlflow)
+                          run_dir, device, planned_steps(cfg, corpus.train, params.seed), mlflow, dist=dist, net=net,
+                          generator=generator)
+        if dist.enabled:
+            dist.broadcast({"run_id": progress.run_id})
         stop_reason = trainer.run()
         averaged_bleu = trainer.final_model(out_dir / "model.pt")
         mlflow.set_tag("model_md5", storage.file_md5(out_dir / "model.pt"))  # how evaluate/register find this run
@@ -569,6 +719,9 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
         mlflow.end_run("FAILED")  # a later `vamos train` resumes it from the checkpoint
         raise
     mlflow.end_run()
+    if dist.enabled:
+        dist.barrier()
+        dist.broadcast(summary)
     return summary
 
 
