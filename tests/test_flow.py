@@ -1,7 +1,17 @@
-"""The Prefect flow under a real (temporary) Prefect server: one task per DVC stage."""
+"""The Prefect flow under a real (temporary) Prefect server: one task per DVC stage, and the faults a
+scheduled run must survive, with real processes (DVC, `vamos` stages, SQLite, signals)."""
 import asyncio
+import json
+import random
+import shutil
+import signal
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -17,10 +27,25 @@ SUMMARY = {"cmd": "python -c \"import json; print(json.load(open('reports/metric
            "deps": ["reports/metrics.json"], "outs": [{"reports/summary.txt": {"cache": False}}]}
 
 
-def add_summary_stage(repo):
+# A stage that hangs while a HANG file exists (no deps: the flow runs it first).
+HANG = {"cmd": "python -c \"import pathlib, time; time.sleep(600 if pathlib.Path('HANG').exists() else 0); "
+               "pathlib.Path('hang.txt').write_text('ok')\"",
+        "outs": [{"hang.txt": {"cache": False}}]}
+
+
+def add_summary_stage(repo, **first):
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
-    dvc_yaml["stages"] = {"summary": SUMMARY, **dvc_yaml["stages"]}
+    dvc_yaml["stages"] = {**first, "summary": SUMMARY, **dvc_yaml["stages"]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+
+
+def set_params(repo, **values):
+    """Set `section.key` params in the repo's params.yaml (not committed: DVC reads the workspace)."""
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in values.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def test_the_flow_takes_its_stages_from_dvc_yaml_in_dependency_order(tmp_path):
@@ -51,12 +76,31 @@ async def artifact(key):
         return found[0] if found else None
 
 
+def live_dvc_lock_entries(repo) -> list:
+    path = repo / ".dvc" / "tmp" / "rwlock"
+    lock = json.loads(path.read_text()) if path.exists() else {}
+    return [path for mode in ("read", "write") for path in lock.get(mode, {})]
+
+
 @pytest.mark.slow
 def test_flow_runs_stages_as_tasks_then_skips_them(prefect_server, tmp_path, mlflow_store):
+    """Also: a hung stage is stopped by its timeout and the next run starts normally; a binary file in
+    data/incoming is counted as dropped and leaves the champion alone; a run-cache hit reads 'restored'."""
     repo = make_dvc_repo(tmp_path / "repo")
-    add_summary_stage(repo)
+    add_summary_stage(repo, hang=HANG)
+    set_params(repo, **{"flow.stage_timeouts": {"hang": 0.2}})
     remote = tmp_path / "remote"  # not there yet: the push creates it
     assert run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(remote)], repo).returncode == 0
+
+    (repo / "HANG").touch()
+    started = time.monotonic()
+    hung = vamos_pipeline(str(repo), return_state=True)
+    assert hung.is_failed() and time.monotonic() - started < 60
+    assert "stage 'hang' timed out after 0.2 minutes" in str(hung.message)
+    assert not live_dvc_lock_entries(repo) and not (repo / "data" / "raw").exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "HANG" in " ".join(p.info["cmdline"] or [])]
+    (repo / "HANG").unlink()
+
     state = vamos_pipeline(str(repo), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -69,10 +113,23 @@ def test_flow_runs_stages_as_tasks_then_skips_them(prefect_server, tmp_path, mlf
     assert {f"dvc repro {stage}" for stage in STAGES} <= names
     table = asyncio.run(artifact("vamos-metrics"))
     assert table is not None and "test BLEU" in table.data
+    run_id = result["registry"]["run_id"]
+    assert f"[{run_id}](http://127.0.0.1:5000/#/experiments/" in table.data
+    assert "/#/models/vamos-en-es/versions/1)" in table.data
+    assert "| reports/metrics.json | test.bleu |" in table.data  # dvc metrics diff HEAD
 
+    # A binary file named .tsv: its lines are counted as dropped; the corpus, and so the model, stay.
+    (repo / "data" / "incoming" / "junk.tsv").write_bytes(bytes(range(256)) * 40)
     again = vamos_pipeline(str(repo))
     # register always runs (never restored from DVC's run-cache) and is cheap when nothing changed
-    assert again["statuses"] == {stage: "ran" if stage == "register" else "skipped" for stage in result["statuses"]}
+    assert again["statuses"] == {stage: "ran" if stage in ("ingest", "register") else "skipped"
+                                 for stage in result["statuses"]}
+    assert json.loads((repo / "reports/ingest.json").read_text())["dropped"]["binary_line"] == 40
+    assert again["registry"]["version"] == 1 and again["registry"]["alias"] == "champion"
+
+    (repo / "data" / "incoming" / "junk.tsv").unlink()  # back to the first run's input: DVC's run-cache has it
+    restored = vamos_pipeline(str(repo))
+    assert restored["statuses"]["ingest"] == "restored" and restored["statuses"]["prepare"] == "skipped"
 
 
 @pytest.mark.slow
@@ -100,3 +157,178 @@ def test_deployment_has_the_cron_schedule_and_one_run_at_a_time(prefect_server, 
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.parameters == {"project": str(tmp_path.resolve())}
     assert deployment.global_concurrency_limit.limit == 1  # concurrency_limit is deprecated, always None
+
+
+FLAKY = """import pathlib, sys
+codes = pathlib.Path("codes").read_text().split()
+attempt = int(pathlib.Path("attempts").read_text()) if pathlib.Path("attempts").exists() else 0
+pathlib.Path("attempts").write_text(str(attempt + 1))
+print(f"attempt {attempt + 1}: exit {codes[min(attempt, len(codes) - 1)]}", flush=True)
+if codes[min(attempt, len(codes) - 1)] == "0":
+    pathlib.Path("out.txt").write_text("ok")
+sys.exit(int(codes[min(attempt, len(codes) - 1)]))
+"""
+
+
+def make_flaky_repo(root: Path, codes: str) -> Path:
+    """A DVC repo with one stage, whose command exits with `codes` in turn (one per attempt)."""
+    from tests.conftest import small_params
+
+    root.mkdir(parents=True)
+    params = small_params(**{"flow.retry_delays_seconds": [0.5, 1]})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "flaky.py").write_text(FLAKY)
+    (root / "codes").write_text(codes)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"flaky": {
+        "cmd": "python flaky.py", "deps": ["flaky.py", "codes"], "outs": [{"out.txt": {"cache": False}}]}}}))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
+                [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        assert run(cmd, root).returncode == 0
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("codes, completes, attempts, says", [
+    ("75 75 0", True, 3, ""),  # a lock or a busy database: retried with back-off until it goes away
+    ("2 0", False, 1, "bad params or input (exit 2)"),
+    ("1 0", False, 1, "crashed (exit 1)"),
+])
+def test_retries_go_by_the_stage_exit_code(prefect_server, tmp_path, mlflow_store, codes, completes, attempts, says):
+    repo = make_flaky_repo(tmp_path / "repo", codes)
+    state = vamos_pipeline(str(repo), return_state=True)
+    assert state.is_completed() == completes, state.message
+    assert (repo / "attempts").read_text() == str(attempts)
+    assert says in str(state.message) and (completes or "stage 'flaky' failed" in str(state.message))
+
+
+def test_vamos_stage_exits_75_on_a_locked_database(tmp_path, monkeypatch):
+    """A real SQLITE_BUSY inside a stage gives EX_TEMPFAIL; another error gives 1 with its traceback."""
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from pipeline import stages
+    from pipeline.cli import EXIT_CRASH, EXIT_TEMPFAIL, app
+
+    db = tmp_path / "busy.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+
+    def write_to_the_locked_db(params):
+        sqlite3.connect(db, timeout=0.1).execute("INSERT INTO t VALUES (1)")
+
+    def crash(params):
+        raise KeyError("a bug")
+
+    (tmp_path / "params.yaml").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(stages.STAGES, "ingest", write_to_the_locked_db)
+    busy = CliRunner().invoke(app, ["ingest"])
+    assert busy.exit_code == EXIT_TEMPFAIL and "database is locked" in busy.output
+    monkeypatch.setitem(stages.STAGES, "ingest", crash)
+    crashed = CliRunner().invoke(app, ["ingest"])
+    assert crashed.exit_code == EXIT_CRASH and "Traceback" in crashed.output and "a bug" in crashed.output
+    holder.rollback()
+
+
+def train_process():
+    """The `vamos train` that DVC started for the flow (a descendant of this process)."""
+    for process in psutil.Process().children(recursive=True):
+        try:
+            cmd = process.cmdline()
+        except psutil.Error:
+            continue
+        if cmd[-1:] == ["train"] and any(part.endswith("vamos") for part in cmd):
+            return process
+    return None
+
+
+def kill_train_after_its_first_checkpoint(repo: Path, killed: list) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        process = train_process() if list(repo.glob(".vamos/checkpoints/*/last.pt")) else None
+        if process:
+            time.sleep(random.uniform(0.0, 0.5))
+            process.send_signal(signal.SIGKILL)
+            killed.append(process.pid)
+            return
+        time.sleep(0.02)
+
+
+def lock_mlflow_db_when_train_starts(db: Path, seconds: float, held: list) -> None:
+    """Another writer holds the MLflow SQLite database (BEGIN EXCLUSIVE) as training starts."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and train_process() is None:
+        time.sleep(0.02)
+    locker = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(float(sys.argv[2])); c.rollback()"),
+        str(db), str(seconds)], stdout=subprocess.PIPE, text=True)
+    held.append(locker.stdout.readline().strip())
+    locker.wait()
+
+
+@pytest.mark.slow
+def test_a_train_killed_in_one_run_resumes_in_the_next_with_the_same_weights(prefect_server, tmp_path, mlflow_store):
+    """SIGKILL of `vamos train` in a flow run; the next run, while another writer holds the MLflow
+    database for seconds, resumes from the checkpoint and ends with the weights of an uninterrupted
+    training. Then overrides run as a DVC experiment, leaving params.yaml alone."""
+    import torch
+    from mlflow import MlflowClient
+
+    repo = make_dvc_repo(tmp_path / "repo")
+    set_params(repo, **{"train.epochs": 3, "train.checkpoint_every": 3, "flow.retry_delays_seconds": [1, 2]})
+    killed: list = []
+    killer = threading.Thread(target=kill_train_after_its_first_checkpoint, args=(repo, killed))
+    killer.start()
+    state = vamos_pipeline(str(repo), return_state=True)
+    killer.join()
+    assert killed and state.is_failed()
+    assert "stage 'train' failed: killed by signal SIGKILL" in str(state.message)
+    (checkpoint,) = repo.glob(".vamos/checkpoints/*/last.pt")
+    steps_at_kill = torch.load(checkpoint, weights_only=True)["progress"]["step"]
+
+    db = Path(mlflow_store.removeprefix("sqlite:///"))
+    held: list = []
+    locker = threading.Thread(target=lock_mlflow_db_when_train_starts, args=(db, 5, held))
+    locker.start()
+    resumed = vamos_pipeline(str(repo))
+    locker.join()
+    assert held == ["locked"]
+    assert resumed["statuses"] == {"ingest": "skipped", "prepare": "skipped", "embed": "skipped", "train": "ran",
+                                   "evaluate": "ran", "register": "ran"}
+    assert resumed["registry"]["alias"] == "champion"
+    assert torch.load(checkpoint, weights_only=True)["progress"]["step"] > steps_at_kill
+
+    straight = tmp_path / "straight"  # the same inputs, trained without interruption
+    shutil.copytree(repo, straight)
+    shutil.rmtree(straight / ".vamos")
+    shutil.rmtree(straight / "models" / "seq2seq")
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'straight.db'}"}
+    trained = subprocess.run(["vamos", "train"], cwd=straight, env=env, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    a, b = (torch.load(root / "models/seq2seq/model.pt", weights_only=True)["state_dict"] for root in (repo, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    committed = (repo / "params.yaml").read_bytes()
+    experiment = vamos_pipeline(str(repo), overrides={"train.hidden_size": 32})
+    assert (repo / "params.yaml").read_bytes() == committed
+    name = experiment["experiment"]
+    assert experiment["statuses"]["train"] == "ran" and experiment["statuses"]["prepare"] == "skipped"
+    runs = MlflowClient(mlflow_store).search_runs(
+        [MlflowClient(mlflow_store).get_experiment_by_name("vamos").experiment_id],
+        filter_string=f"tags.`dvc.experiment` = '{name}'")
+    assert len(runs) == 1 and runs[0].data.params["train.hidden_size"] == "32"
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo)
+    assert name in shown.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, named", [({"train.hidden_size": 1}, "train.hidden_size"),
+                                              ({"train.hiden_size": 64}, "train.hiden_size")])
+def test_bad_overrides_fail_before_any_stage(prefect_server, tmp_path, mlflow_store, overrides, named):
+    repo = make_dvc_repo(tmp_path / "repo")
+    state = vamos_pipeline(str(repo), overrides=overrides, return_state=True)
+    assert state.is_failed() and named in str(state.message)
+    assert not (repo / "data" / "raw").exists()
