@@ -123,6 +123,12 @@ def checkout(root: Path) -> Path:
     return repo
 
 
+def wait_for_line(log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 async def wait_for(client, flow_run_id, done, timeout: float, worker_log: Path):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -154,6 +160,8 @@ def test_a_worker_runs_the_deployment_and_a_colliding_run_is_cancelled(tmp_path)
         with temporary_settings({PREFECT_API_URL: api_url}), \
                 process([str(BIN / "prefect"), "worker", "start", "--pool", "vamos"], env, repo, worker_log) as worker:
             first, second, deployment = asyncio.run(two_runs(get_client, worker_log))
+            # the run's own last line, streamed through the worker, before the worker is stopped
+            wait_for_line(worker_log, f"Flow run '{first.name}' - Finished in state", 30)
             assert worker.poll() is None
         assert worker.returncode is not None  # stopped by the test (SIGINT), and waited for
     print(f"\n--- prefect deploy ---\n{deployed}\n--- worker output ---\n{worker_log.read_text()}")
@@ -171,7 +179,8 @@ def test_a_worker_runs_the_deployment_and_a_colliding_run_is_cancelled(tmp_path)
     assert (repo / "reports" / "metrics.json").exists() and (repo / "models" / "seq2seq" / "model.pt").exists()
     assert json.loads((repo / "reports" / "registry.json").read_text())["alias"] == "champion"
     log = worker_log.read_text()
-    assert str(first.id) in log and "Completed" in log
+    assert f"submitting flow run '{first.id}'" in log and f"Flow run '{first.name}' - Finished in state Completed" in log
+    assert f"Aborted submission of flow run '{second.id}'" in log
 
 
 async def two_runs(get_client, worker_log: Path):
