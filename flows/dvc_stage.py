@@ -81,11 +81,9 @@ def main(argv: list[str]) -> int:
                     repo.reproduce(name, single_item=True)
                     statuses.setdefault(name, "skipped")
             elif mode == "exp":
-                from dvc.utils.cli_parse import to_path_overrides
-
                 for stage in repo.index.stages:
                     statuses.setdefault(stage.addressing, "skipped")
-                repo.experiments.run(params=to_path_overrides(overrides), name=name, tmp_dir=True)
+                repo.experiments.run(params=overrides, name=name, tmp_dir=True)  # as `-S key=value ...`
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
     except Exception as e:  # noqa: BLE001 - mapped to an exit code by cause

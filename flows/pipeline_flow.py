@@ -120,7 +120,7 @@ def _kill_group(process: subprocess.Popen, logger) -> None:
 def stream(cmd: list[str], cwd: str, timeout_s: float, logger, env: dict | None = None) -> tuple[int, bool, str]:
     """Run `cmd` in a new process group, logging each output line as it comes; kill the group after
     `timeout_s`. Returns (exit code, timed out, the output's last lines)."""
-    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    env = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace",
                                bufsize=1)

@@ -28,7 +28,8 @@ SUMMARY = {"cmd": "python -c \"import json; print(json.load(open('reports/metric
 
 
 # A stage that hangs while a HANG file exists (no deps: the flow runs it first).
-HANG = {"cmd": "python -c \"import pathlib, time; time.sleep(600 if pathlib.Path('HANG').exists() else 0); "
+HANG = {"cmd": "python -c \"import pathlib, time; print('hanging'); "
+               "time.sleep(600 if pathlib.Path('HANG').exists() else 0); "
                "pathlib.Path('hang.txt').write_text('ok')\"",
         "outs": [{"hang.txt": {"cache": False}}]}
 
@@ -68,6 +69,13 @@ async def task_runs_of(flow_run_id):
         return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
+async def logs_of(flow_run_id):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+
 async def artifact(key):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -99,6 +107,11 @@ def test_flow_runs_stages_as_tasks_then_skips_them(prefect_server, tmp_path, mlf
     assert "stage 'hang' timed out after 0.2 minutes" in str(hung.message)
     assert not live_dvc_lock_entries(repo) and not (repo / "data" / "raw").exists()
     assert not [p for p in psutil.process_iter(["cmdline"]) if "HANG" in " ".join(p.info["cmdline"] or [])]
+    # The stage's output reached the Prefect log while it ran, seconds before the timeout killed it.
+    logs = asyncio.run(logs_of(hung.state_details.flow_run_id))
+    printed = next(log.timestamp for log in logs if log.message == "hanging")
+    killed = next(log.timestamp for log in logs if "sent SIGTERM" in log.message)
+    assert (killed - printed).total_seconds() > 5
     (repo / "HANG").unlink()
 
     state = vamos_pipeline(str(repo), return_state=True)
@@ -288,6 +301,7 @@ def test_a_train_killed_in_one_run_resumes_in_the_next_with_the_same_weights(pre
     assert "stage 'train' failed: killed by signal SIGKILL" in str(state.message)
     (checkpoint,) = repo.glob(".vamos/checkpoints/*/last.pt")
     steps_at_kill = torch.load(checkpoint, weights_only=True)["progress"]["step"]
+    killed_run = json.loads((repo / ".vamos" / "run.json").read_text())["run_id"]
 
     db = Path(mlflow_store.removeprefix("sqlite:///"))
     held: list = []
@@ -299,7 +313,11 @@ def test_a_train_killed_in_one_run_resumes_in_the_next_with_the_same_weights(pre
     assert resumed["statuses"] == {"ingest": "skipped", "prepare": "skipped", "embed": "skipped", "train": "ran",
                                    "evaluate": "ran", "register": "ran"}
     assert resumed["registry"]["alias"] == "champion"
+    # (`vamos` runs this checkout's pipeline code, which the checkpoint's fingerprint covers: edit it
+    # between the two runs and the second trains from scratch)
     assert torch.load(checkpoint, weights_only=True)["progress"]["step"] > steps_at_kill
+    assert resumed["registry"]["run_id"] == killed_run  # the same MLflow run, continued and finished
+    assert MlflowClient(mlflow_store).get_run(killed_run).info.status == "FINISHED"
 
     straight = tmp_path / "straight"  # the same inputs, trained without interruption
     shutil.copytree(repo, straight)
@@ -315,7 +333,9 @@ def test_a_train_killed_in_one_run_resumes_in_the_next_with_the_same_weights(pre
     experiment = vamos_pipeline(str(repo), overrides={"train.hidden_size": 32})
     assert (repo / "params.yaml").read_bytes() == committed
     name = experiment["experiment"]
-    assert experiment["statuses"]["train"] == "ran" and experiment["statuses"]["prepare"] == "skipped"
+    # It runs in a copy without the workspace's git-ignored outputs: DVC restores what its run-cache
+    # holds, and runs the stages with uncached outputs (embed, train) again.
+    assert experiment["statuses"]["train"] == "ran" and experiment["statuses"]["prepare"] == "restored"
     runs = MlflowClient(mlflow_store).search_runs(
         [MlflowClient(mlflow_store).get_experiment_by_name("vamos").experiment_id],
         filter_string=f"tags.`dvc.experiment` = '{name}'")
