@@ -7,8 +7,8 @@ Decoding: a table of sentences/s for greedy and beam search, one sentence at a t
 over a split (the test split by default), with its mean source and output lengths. Side by side:
     git show <commit>:pipeline/decode.py > /tmp/old_decode.py
     python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py --lexicon lexicon.pt
-times an older decode.py, this one, and this one with a lexical shortlist, back to back in each
-row. On a shared machine add `--set train.threads=1` and read the CPU-time figures.
+times an older decode.py, this one in fp32 and with the bf16 output projection, and both with a
+lexical shortlist, back to back in each row. On a shared machine add `--set train.threads=1` and read the CPU-time figures.
 
 Training needs a checkout where `dvc repro` has made data/prepared and models/embeddings. Decoding
 falls back to a random model of the configured size (which never stops early: bound it with
@@ -101,19 +101,24 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
         notes.append(f"<eos> logit raised by {eos_bias}, so that sentences end at various lengths, as a trained "
                      "model's do (+2.4 on the random model: greedy outputs of 26 tokens on average, as the references)")
     lexicon = load_lexicon(lexicon_path) if lexicon_path else None
-    variants = {name: translator_class(name)(model, *tokenizers(params), src_vocab, tgt_vocab, device)
+    # name -> (translator, its decoding options); the older decoders know no `precision`.
+    variants = {name: (translator_class(name)(model, *tokenizers(params), src_vocab, tgt_vocab, device), {})
                 for name in decoders}
+    variants[CURRENT][1]["precision"] = "float32"
+    current = variants[CURRENT][0]
+    variants["bf16"] = (current, {"precision": "bfloat16"})
     if lexicon is not None:
-        variants["shortlist"] = translator_class(CURRENT)(model, *tokenizers(params), src_vocab, tgt_vocab,
-                                                          device, lexicon=lexicon)
+        with_lexicon = translator_class(CURRENT)(model, *tokenizers(params), src_vocab, tgt_vocab, device, lexicon=lexicon)
+        variants["shortlist"] = (with_lexicon, {"shortlist": True, "precision": "float32"})
+        variants["shortlist + bf16"] = (with_lexicon, {"shortlist": True, "precision": "bfloat16"})
     batch, beam = params.evaluate.batch_size, params.evaluate.beam_size
     print(f"device {device}, threads {torch.get_num_threads()}; {split}: {len(sources)} sentences, "
           f"{sum(map(len, sources)) / len(sources):.1f} source tokens on average")
     for note in notes:
         print(f"note: {note}")
     print("columns: " + "; ".join(f"{i + 1} = {name}" for i, name in enumerate(variants)))
-    for translator in variants.values():  # warm-up
-        translator.translate_tokens(sources[:8], beam_size=beam, batch_size=8)
+    for translator, options in variants.values():  # warm-up
+        translator.translate_tokens(sources[:8], beam_size=beam, batch_size=8, **options)
     print("| max_len_ratio | search | batch | sentences | mean source len | mean output len | "
           + " | ".join(f"sentences/s ({i + 1}) wall, CPU" for i in range(len(variants))) + " | load |")
     print("|---" * (7 + len(variants)) + "|")
@@ -122,12 +127,11 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
             for size in (1, batch):
                 subset = sources if size > 1 else spread_subset(sources, batch1_sentences)
                 rates, out_lengths = [], {}
-                for name, translator in variants.items():
-                    options = {"shortlist": True} if name == "shortlist" else {}
+                for name, (translator, options) in variants.items():
                     wall, cpu, out_lengths[name] = time_decoding(lambda s: translator.translate_tokens(
                         s, beam_size=search_beam, batch_size=size, max_len_ratio=ratio, **options), subset, device)
                     rates.append(f"{wall:,.1f}, {cpu:,.1f}")
-                out_len = out_lengths[CURRENT]  # of pipeline/decode.py, without the shortlist
+                out_len = out_lengths[CURRENT]  # of pipeline/decode.py, fp32, without the shortlist
                 search = "greedy" if search_beam == 1 else f"beam {search_beam}"
                 print(f"| {ratio} | {search} | {size} | {len(subset)} | {sum(map(len, subset)) / len(subset):.1f} | "
                       f"{out_len:.1f} | {' | '.join(rates)} | {os.getloadavg()[0]:.1f} |", flush=True)

@@ -68,7 +68,8 @@ def translate_split(translator: Translator, frame: pd.DataFrame, cfg: EvaluatePa
         lexicon = {}
     return translator.translate_tokens(
         sources, beam_size=beam_size or cfg.beam_size, alpha=cfg.length_penalty, max_len_ratio=cfg.max_len_ratio,
-        batch_size=cfg.batch_size, originals=[translator.src_tok.tokenize_cased(s) for s in frame["src"]], **lexicon)
+        batch_size=cfg.batch_size, originals=[translator.src_tok.tokenize_cased(s) for s in frame["src"]],
+        precision=cfg.precision, unk_penalty=cfg.unk_penalty, **lexicon)
 
 
 def detokenize_all(translator: Translator, outputs: list[tuple[list[str], np.ndarray]]) -> list[str]:

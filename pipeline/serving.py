@@ -59,7 +59,7 @@ def model_config(params: Params) -> dict[str, Any]:
     return {"beam_size": search.beam_size, "length_penalty": search.length_penalty,
             "max_len_ratio": search.max_len_ratio, "max_sentences": serve.max_sentences,
             "max_sentence_tokens": serve.max_sentence_tokens, "unk_dictionary": search.unk_dictionary,
-            "shortlist": search.shortlist}
+            "shortlist": search.shortlist, "precision": search.precision, "unk_penalty": search.unk_penalty}
 
 
 def check_beam_size(value: Any) -> int:
@@ -153,10 +153,12 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         from pipeline.model import load_translator
 
         self.default_beam = check_beam_size(config["beam_size"])
-        # Models logged before the lexicon switches existed lack them: off, as they were decoded.
+        # Models logged before these switches existed lack them: off and fp32, as they were decoded.
         self.search = {"alpha": config["length_penalty"], "max_len_ratio": config["max_len_ratio"],
                        "unk_dictionary": config.get("unk_dictionary", False),
-                       "shortlist": config.get("shortlist", False)}
+                       "shortlist": config.get("shortlist", False),
+                       "precision": config.get("precision", "float32"),
+                       "unk_penalty": config.get("unk_penalty", 0.0)}
         self.limits = Limits(config["max_sentences"], config["max_sentence_tokens"])
         self.translator = load_translator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
         return self

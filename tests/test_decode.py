@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decode import (Translator, beam_search, greedy_search, length_penalty, replace_unknowns,
-                             search_beams)
+from pipeline.decode import (OutputLayer, Translator, beam_search, greedy_search, length_penalty,
+                             replace_unknowns, search_beams)
 from pipeline.model.attention import Memory
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK_ID, Tokenizer, Vocab
 from tests.test_model import make_model, source_batch
@@ -179,3 +179,34 @@ def test_unknown_words_are_copied_from_the_attended_source():
 def test_translate_text_end_to_end_returns_strings():
     outputs = translator().translate(["A b c.", "H"], beam_size=2)
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+
+
+def test_bf16_output_layer_scores_as_fp32_and_follows_weight_updates():
+    model = make_model(src_vocab=12, tgt_vocab=40, emb_size=16, hidden_size=16)
+    torch.manual_seed(1)
+    states, at_limit = torch.randn(6, 16), torch.zeros(6, dtype=torch.bool)
+
+    def scores(dtype):
+        values, positions = OutputLayer(model, dtype=dtype).best(states, at_limit, 40 - 2)
+        return values.gather(1, positions.argsort(1))  # every emittable word, in vocabulary order
+
+    before = scores(torch.bfloat16)
+    assert torch.allclose(before, scores(torch.float32), rtol=0.01, atol=0.03)
+    with torch.no_grad():  # an optimizer step updates the weights in place: the bf16 copy must follow
+        model.generator.weight.add_(torch.randn_like(model.generator.weight))
+    after = scores(torch.bfloat16)
+    assert not torch.allclose(after, before, atol=0.03)
+    assert torch.allclose(after, scores(torch.float32), rtol=0.01, atol=0.03)
+
+
+
+def test_unk_penalty_makes_a_likely_unknown_word_lose_to_a_real_one():
+    a = 4
+    model = bigram(8, {SOS_ID: {UNK_ID: 0.55, a: 0.45}, UNK_ID: {EOS_ID: 1.0}, a: {EOS_ID: 1.0}})
+    src, src_len = one_word_source()
+    for beam in (1, 3):
+        assert beam_search(model, src, src_len, beam_size=beam)[0].tokens == [UNK_ID]
+        penalised = beam_search(model, src, src_len, beam_size=beam, unk_penalty=1.0)[0]
+        assert penalised.tokens == [a]
+        # Normalised over every word as before: [a] scores its own log-probability.
+        assert penalised.score == pytest.approx(model.log_prob([a]) / (length_penalty(2, 1.0) if beam > 1 else 1), abs=1e-5)
