@@ -191,7 +191,7 @@ def clear_stale_dvc_locks(project: str, logger) -> list[str]:
         except zc.lockfile.LockError:
             logger.warning("DVC's repository lock %s is held by a live process (another dvc command?)", repo_lock)
         else:
-            logger.info("DVC's repository lock is free; the next run starts normally")
+            logger.info("DVC's repository lock %s is free", repo_lock)
     return cleared
 
 
@@ -236,6 +236,7 @@ def _run_runner(args: list[str], project: str, minutes: float, name: str) -> dic
                                        project, minutes * 60, logger)
         result = json.loads(result_file.read_text()) if result_file.exists() else {}
     if timed_out:
+        logger.error("%s: still running after %g minutes: its process group was killed", name, minutes)
         clear_stale_dvc_locks(project, logger)
         raise StageTimeout(name, minutes)
     if code != 0:

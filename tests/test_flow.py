@@ -108,9 +108,15 @@ def test_flow_runs_stages_as_tasks_then_skips_them(prefect_server, tmp_path, mlf
     assert not live_dvc_lock_entries(repo) and not (repo / "data" / "raw").exists()
     assert not [p for p in psutil.process_iter(["cmdline"]) if "HANG" in " ".join(p.info["cmdline"] or [])]
     # The stage's output reached the Prefect log while it ran, seconds before the timeout killed it.
-    logs = asyncio.run(logs_of(hung.state_details.flow_run_id))
-    printed = next(log.timestamp for log in logs if log.message == "hanging")
-    killed = next(log.timestamp for log in logs if "sent SIGTERM" in log.message)
+    deadline = time.monotonic() + 30  # Prefect sends logs to its API in batches
+    while True:
+        logs = asyncio.run(logs_of(hung.state_details.flow_run_id))
+        printed = [log.timestamp for log in logs if log.message == "hanging"]
+        killed = [log.timestamp for log in logs if "its process group was killed" in log.message]
+        if (printed and killed) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    printed, killed = printed[0], killed[0]
     assert (killed - printed).total_seconds() > 5
     (repo / "HANG").unlink()
 
