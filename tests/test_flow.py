@@ -76,6 +76,15 @@ async def logs_of(flow_run_id):
         return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
 
+async def artifact_of(flow_run_id):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        return found[0] if found else None
+
+
 async def artifact(key):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -336,7 +345,8 @@ def test_a_train_killed_in_one_run_resumes_in_the_next_with_the_same_weights(pre
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     committed = (repo / "params.yaml").read_bytes()
-    experiment = vamos_pipeline(str(repo), overrides={"train.hidden_size": 32})
+    state = vamos_pipeline(str(repo), overrides={"train.hidden_size": 32}, return_state=True)
+    experiment = state.result()
     assert (repo / "params.yaml").read_bytes() == committed
     name = experiment["experiment"]
     # It runs in a copy without the workspace's git-ignored outputs: DVC restores what its run-cache
@@ -348,6 +358,9 @@ def test_a_train_killed_in_one_run_resumes_in_the_next_with_the_same_weights(pre
     assert len(runs) == 1 and runs[0].data.params["train.hidden_size"] == "32"
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo)
     assert name in shown.stdout
+    table = asyncio.run(artifact_of(state.state_details.flow_run_id)).data
+    assert f"`{name}`" in table and f"[{runs[0].info.run_id}](" in table
+    assert "| reports/metrics.json | test.bleu |" in table  # dvc metrics diff HEAD <the experiment>
 
 
 @pytest.mark.slow
