@@ -163,3 +163,19 @@ def test_model_without_input_feeding_round_trips_and_decodes(tmp_path):
     assert loaded.config.input_feeding is False
     src, src_len = source_batch()
     assert len(greedy_search(loaded, src, src_len)) == 2
+
+
+@pytest.mark.parametrize("layers,input_feeding", [(1, False), (2, True)])
+def test_decoding_step_by_lstm_cell_matches_nn_lstm(monkeypatch, layers, input_feeding):
+    import pipeline.model.decoder as decoder
+
+    model = make_model(decoder_layers=layers, encoder_layers=layers, input_feeding=input_feeding)
+    memory, state = model.encode(*source_batch())
+    prev = torch.tensor([4, 5])
+    with torch.no_grad():
+        by_cell = model.decoder.step(prev, state, memory)  # 2 rows: lstm_cell
+        monkeypatch.setattr(decoder, "CELL_ROWS", 0)
+        by_lstm = model.decoder.step(prev, state, memory)
+    for a, b in zip([by_cell[0], *by_cell[1], by_cell[2]], [by_lstm[0], *by_lstm[1], by_lstm[2]]):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-6)
