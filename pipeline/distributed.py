@@ -20,6 +20,7 @@ the step budget are decided once, by rank 0, for all ranks."""
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -102,7 +103,12 @@ class Distributed:
         return Shard(mine, weight, tokens, torch.from_numpy(gold).to(device), self.world_size, generator)
 
     def close(self) -> None:
+        """Leave the group once every rank is done: a gloo rank that closes its connections while
+        a peer still reads from them makes that peer abort. The DDP wrapper (reference cycles)
+        is collected first, so that it does not outlive the group."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
+            gc.collect()
             dist.destroy_process_group()
 
 

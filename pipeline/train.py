@@ -643,10 +643,9 @@ def train(params: Params, prepared: Path = storage.PREPARED, embeddings: Path = 
     random.seed(params.seed)
     np.random.seed(params.seed)
     dist, device = distributed.init(pick_device(cfg.device))
-    try:
-        return _train(params, dist, device, prepared, embeddings, out_dir, reports, checkpoints)
-    finally:
-        dist.close()
+    summary = _train(params, dist, device, prepared, embeddings, out_dir, reports, checkpoints)
+    dist.close()  # only after success: after a failure torchrun stops the other ranks
+    return summary
 
 
 def _train(params: Params, dist: distributed.Distributed, device: torch.device, prepared: Path, embeddings: Path,

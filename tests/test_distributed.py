@@ -1,6 +1,7 @@
 """Data-parallel training (pipeline.distributed): two gloo processes under a real torchrun follow
 one process's loss curve, resume from their checkpoint, and leave checkpoints and a model that one
 process loads."""
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,12 @@ def read_losses(path: Path) -> list[tuple[int, float, int]]:
 def torchrun(root: Path, env: dict, nproc: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "pipeline.cli", "train"]
-    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:  # every rank's own error first: torchrun's summary only names the signal
+        errors = [line for line in result.stderr.splitlines()
+                  if any(word in line for word in ("Error", "error", "what()", "terminate", "Traceback"))]
+        result.stderr = "\n".join(errors[:40]) + "\n...\n" + result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
@@ -83,6 +89,22 @@ def test_two_processes_follow_one_process_resume_and_hand_over_to_one(embedded, 
     np.testing.assert_allclose([h["valid_loss"] for h in whole], [h["valid_loss"] for h in expected["history"]],
                                rtol=TOLERANCE)
     assert got["plateau_scale"] == expected["plateau_scale"]
+
+
+@pytest.mark.slow
+def test_early_stopping_under_ddp_stops_every_rank_at_rank_0s_step(embedded, tmp_path, mlflow_store):
+    """A learning rate so small that validation BLEU cannot move: the second validation is no
+    better, so patience 1 stops after epoch 2 of 5, and both ranks end there (torchrun exits 0
+    only when both do, and a rank that kept training would wait forever for the other)."""
+    root = copy_of(embedded, tmp_path / "p")
+    set_train(root, **{**SAMPLED, "epochs": 5, "patience": 1, "smoothing": 1, "lr": 1e-12})
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(MLFLOW_TRACKING_URI=mlflow_store)
+    result = torchrun(root, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((root / "reports/train.json").read_text())
+    assert report["stopped_by"] == "early_stopping" and report["steps"] == 44 and report["epochs_completed"] == 2
+    assert last_checkpoint(root)["progress"]["step"] == 44
 
 
 def test_each_rank_takes_a_disjoint_share_of_the_global_batch():
