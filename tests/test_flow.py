@@ -371,3 +371,20 @@ def test_bad_overrides_fail_before_any_stage(prefect_server, tmp_path, mlflow_st
     state = vamos_pipeline(str(repo), overrides=overrides, return_state=True)
     assert state.is_failed() and named in str(state.message)
     assert not (repo / "data" / "raw").exists()
+
+
+@pytest.mark.slow
+def test_a_dvc_lock_held_by_another_process_is_retried(prefect_server, tmp_path, mlflow_store):
+    """Another process holds DVC's repository lock for seconds: the stage runner exits 75 and the
+    flow retries it with back-off until the lock is free."""
+    repo = make_flaky_repo(tmp_path / "repo", "0")
+    set_params(repo, **{"flow.retry_delays_seconds": [4, 4, 4]})
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, zc.lockfile; lock = zc.lockfile.LockFile(sys.argv[1]); print('locked', flush=True); "
+        "time.sleep(6); lock.close()"), str(repo / ".dvc" / "tmp" / "lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    state = vamos_pipeline(str(repo), return_state=True)
+    holder.wait()
+    assert state.is_completed(), state.message
+    (task_run,) = [t for t in asyncio.run(task_runs_of(state.state_details.flow_run_id)) if t.name == "dvc repro flaky"]
+    assert task_run.run_count >= 2 and (repo / "attempts").read_text() == "1"
