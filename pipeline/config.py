@@ -135,7 +135,7 @@ class TrainParams(Strict):
     max_minutes: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(200, ge=1)  # steps
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # mixed precision on CUDA
+    amp: bool = True  # bf16 mixed precision on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX)
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = all cores
     # Build the source->target translation dictionary from the final model's attention alignments
     # over the training split and store it in model.pt (pipeline.lexicon; for evaluate's switches).
