@@ -210,3 +210,12 @@ def test_unk_penalty_makes_a_likely_unknown_word_lose_to_a_real_one():
         assert penalised.tokens == [a]
         # Normalised over every word as before: [a] scores its own log-probability.
         assert penalised.score == pytest.approx(model.log_prob([a]) / (length_penalty(2, 1.0) if beam > 1 else 1), abs=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_bf16_decoding_runs_every_path_and_returns_fp32_attention(beam_size):
+    t = translator()
+    sentences = [["a", "b", "c"], ["d", "e"], ["f", "g", "h", "a", "b", "c", "d"], ["b"]]
+    for words, attention in t.translate_tokens(sentences, beam_size=beam_size, batch_size=3, precision="bfloat16"):
+        assert attention.dtype == np.float32 and len(attention) == len(words)
+        assert np.allclose(attention.sum(1), 1.0, atol=0.02)

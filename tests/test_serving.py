@@ -97,7 +97,7 @@ def test_the_model_is_logged_from_code_with_its_config_and_mlflows_pins(trained_
     assert (local / "translator_model.py").is_file() and not list(local.glob("*.pkl"))
     assert flavor["config"] == {"beam_size": 3, "length_penalty": 1.0, "max_len_ratio": 1.5,
                                 "max_sentences": 64, "max_sentence_tokens": 128, "unk_dictionary": False,
-                                "shortlist": False}
+                                "shortlist": False, "precision": "bfloat16", "unk_penalty": 2.0}
     assert (local / "code" / "pipeline" / "serving.py").is_file()
     requirements = (local / "requirements.txt").read_text().split()
     assert f"mlflow=={mlflow.__version__}" in requirements
