@@ -30,7 +30,7 @@ from common import decoding_setup, params_with, setup  # noqa: E402
 
 from pipeline import storage  # noqa: E402
 from pipeline.text import EOS_ID  # noqa: E402
-from pipeline.train import peak_memory_mb, tokenizers, train_step  # noqa: E402
+from pipeline.train import has_bf16, peak_memory_mb, tokenizers, train_step  # noqa: E402
 
 WARMUP = 3
 
@@ -58,6 +58,44 @@ def benchmark_training(params, steps: int) -> None:
           f"sampled softmax {cfg.sampled_softmax}, batch_tokens {cfg.batch_tokens}, amp {cfg.amp}")
     print(f"train: {rate:,.0f} target tokens/s over {steps} steps; {per_epoch:,} target tokens an epoch "
           f"-> {per_epoch / rate / 60:.1f} min/epoch")
+    batches = [data.make_batch(rows).to(device) for rows in data.batches(cfg.batch_tokens, seed=params.seed)[:3]]
+    per_token = flops_per_token(model, optimizer, batches, cfg)
+    bf16 = cfg.amp and has_bf16(device)
+    peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+    print(f"model: {per_token / 1e6:,.1f} MFLOP per target token (a training step, counted on {len(batches)} "
+          f"batches) -> {per_token * rate / 1e9:,.1f} GFLOP/s; {'bf16' if bf16 else 'fp32'} matmul peak "
+          f"(torch.mm {PEAK_SIZE}x{PEAK_SIZE}, this run) {peak / 1e9:,.1f} GFLOP/s -> {per_token * rate / peak:.0%} of it")
+
+
+PEAK_SIZE = 4096
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of torch.mm on large square matrices: what this machine's matrix units can do."""
+    a, b = (torch.randn(PEAK_SIZE, PEAK_SIZE, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        torch.mm(a, b)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    synchronize(device)
+    return 2 * PEAK_SIZE ** 3 * repeats / (time.perf_counter() - start)
+
+
+def flops_per_token(model, optimizer, batches, cfg) -> float:
+    """Matrix FLOPs of a training step (forward and backward) per target token, counted by
+    FlopCounterMode. oneDNN's fused LSTM kernels are opaque to it, so the count runs with oneDNN
+    off, where the LSTM is made of the matrix products it counts; the timing above ran with it on."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = tokens = 0
+    with torch.backends.mkldnn.flags(enabled=False):
+        for batch in batches:
+            with FlopCounterMode(display=False) as counter:
+                tokens += train_step(model, optimizer, batch, cfg)[1]
+            flops += counter.get_total_flops()
+    return flops / tokens
 
 
 def translator_class(decoder: str):

@@ -270,7 +270,8 @@ class Translator:
         """Token lists in, (output tokens, attention) out, in the input order. Unknown output
         words are copied from `originals` (the cased source tokens) where given, or translated by
         the lexicon with `unk_dictionary`; `shortlist` scores only the lexicon's likely words;
-        `precision` "bfloat16" decodes in bf16 mixed precision; `unk_penalty` is taken off the
+        `precision` "bfloat16" runs the output projection in bf16 (the recurrent states stay fp32,
+        so that a sentence's translation does not depend on its batch); `unk_penalty` is taken off the
         score of every output <unk>."""
         if (unk_dictionary or shortlist) and self.lexicon is None:
             raise ValueError("unk_dictionary and shortlist need a Translator with a lexicon")
@@ -285,10 +286,8 @@ class Translator:
             src = pad(ids).to(self.device)
             src_len = torch.tensor([max(len(sources[i]), 1) for i in rows], device=self.device)
             words_to_score = self.lexicon.shortlist([sources[i] for i in rows], self.tgt_vocab) if shortlist else None
-            # bf16: the network in mixed precision, as trained, and the projection on cached bf16 weights.
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                hypotheses = beam_search(self.model, src, src_len, beam_size, alpha, max_len_ratio, words_to_score,
-                                         dtype=getattr(torch, precision), unk_penalty=unk_penalty)
+            hypotheses = beam_search(self.model, src, src_len, beam_size, alpha, max_len_ratio, words_to_score,
+                                     dtype=getattr(torch, precision), unk_penalty=unk_penalty)
             for i, hyp in zip(rows, hypotheses):
                 translations = [self.lexicon.best(w) for w in sources[i]] if unk_dictionary else None
                 words = replace_unknowns(self.tgt_vocab.decode(hyp.tokens), hyp.attention, originals[i], translations)

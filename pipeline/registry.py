@@ -24,7 +24,7 @@ import pandas as pd
 from pipeline import storage
 from pipeline.storage import file_md5
 from pipeline.config import Params
-from pipeline.tracking import dvc_hashes, git_commit, mlflow_setup
+from pipeline.tracking import dvc_hashes, experiment_name, git_commit, mlflow_setup
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def decision_key(params: Params, champion_version: str | None, test_sha: str) ->
     """Everything a decision depends on besides the two models: repeat it and nothing changes."""
     rules = params.registry.model_dump(include={"metric", "directions", "min_gain", "max_p", "min_score",
                                                 "bootstrap_samples"})
-    return hashlib.sha1(json.dumps([champion_version, test_sha, decode_settings(params), rules],
+    return hashlib.sha1(json.dumps([champion_version, test_sha, decode_settings(params), rules, experiment_name()],
                                    sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -263,6 +263,11 @@ def register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame) 
         log.info("scoring the new model%s on %d test sentences", " and the champion" if champion else "", len(test))
         score, comparison = compare_with_champion(params, model_file, champion, test)
         decision = decide(params, score, comparison)
+    experiment = experiment_name()
+    if experiment and decision.alias == CHAMPION and not is_champion:
+        # Its params are not committed, and its outputs are not pushed: it could not be restored.
+        decision = Decision(CHALLENGER, f"{decision.reason}; but it was trained in DVC experiment {experiment!r}, "
+                                        f"which never becomes champion: `dvc exp apply {experiment}`, commit, run again")
     version = existing or log_and_register(params, model_file, run_id, md5)
     record = {"model": cfg.model_name, "version": int(version.version), "alias": decision.alias,
               "reason": decision.reason, "metric": cfg.metric, "score": score,

@@ -115,7 +115,10 @@ def autocast(cfg: TrainParams, device: torch.device):
 
 
 def has_bf16(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Native bf16 matrix instructions (oneDNN would emulate bf16 on any AVX512 CPU, slowly)."""
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return device.type == "cuda"
 
 
 def train_step(model: Seq2Seq, optimizer, batch, cfg: TrainParams, net=None,

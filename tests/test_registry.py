@@ -118,6 +118,24 @@ def test_a_hand_moved_champion_is_what_the_next_register_compares_with(trained_c
     assert int(client.get_model_version_by_alias(NAME, expected).version) == 1
 
 
+def test_a_model_from_a_dvc_experiment_never_becomes_champion(trained_copy, monkeypatch):
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)  # version 2
+    client = MlflowClient()
+    client.set_registered_model_alias(NAME, CHAMPION, "2")
+    monkeypatch.setenv("DVC_EXP_NAME", "bigger-model")  # what `dvc exp run` sets for its stages
+    record = register(params, MODEL_FILE, run_id, test)  # better, but its params are not committed
+    assert record["alias"] == CHALLENGER and "DVC experiment 'bigger-model'" in record["reason"]
+    assert int(client.get_model_version_by_alias(NAME, CHAMPION).version) == 2
+    monkeypatch.delenv("DVC_EXP_NAME")  # committed and run again: decided anew, not the experiment's record
+    again = register(params, MODEL_FILE, run_id, test)
+    assert "experiment" not in again["reason"]
+    gain = again["comparison"]["delta"] >= params.registry.min_gain and \
+        again["comparison"]["p_value"] <= params.registry.max_p
+    assert again["alias"] == (CHAMPION if gain else CHALLENGER)
+
+
 def test_a_changed_test_set_is_scored_again(trained_copy):
     params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
