@@ -62,8 +62,30 @@ def _caused_by(error: BaseException | None, kind: type) -> BaseException | None:
     return None
 
 
+def _die_with_the_flow() -> None:
+    """If the flow's process dies, even by SIGKILL, take this stage's process group (this process
+    leads it: the flow starts it in a session of its own) down too, instead of leaving a stage
+    running that holds DVC's lock against the next run."""
+    import ctypes
+    import os
+    import signal
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.killpg(0, signal.SIGTERM)  # the stage command and its children, then this process
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: the flow's own timeout still kills the group
+        return
+    if os.getppid() == 1:  # the flow died before prctl took effect
+        stop(signal.SIGTERM, None)
+
+
 def main(argv: list[str]) -> int:
     mode, name, result_file, *overrides = argv
+    _die_with_the_flow()
     import dvc.logger  # noqa: F401 - importing DVC sets up its console logging, as the `dvc` command has it
     from dvc.exceptions import DvcException
     from dvc.lock import LockError

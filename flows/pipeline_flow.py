@@ -7,7 +7,7 @@ models to the DVC remote, and a Markdown artifact. A stage that DVC finds unchan
 - Each stage runs in a child process (flows/dvc_stage.py, DVC's Python API) in a process group of
   its own; its output streams into the task's log line by line while it runs.
 - A stage still running after its timeout (params.yaml `flow:`; train's follows its budget) has its
-  process group killed; the run fails naming the stage, and stale DVC lock entries are cleared.
+  process group killed; the run fails naming the stage, and stale DVC lock entries are reported (DVC drops them).
 - The status of a stage comes from DVC itself: unchanged (`Repo.status`) -> "skipped"; reproduced
   by running its command -> "ran"; reproduced from DVC's run-cache, command not run -> "restored".
 - Retries go by the stage command's exit code (pipeline/cli.py): 75, a lock or a busy database, is
@@ -127,6 +127,8 @@ def stream(cmd: list[str], cwd: str, timeout_s: float, logger, env: dict | None 
     timed_out = threading.Event()
 
     def on_timeout():
+        if process.poll() is not None:  # it ended just in time: its own exit code decides
+            return
         timed_out.set()
         _kill_group(process, logger)
 
@@ -151,37 +153,25 @@ def stream(cmd: list[str], cwd: str, timeout_s: float, logger, env: dict | None 
 
 
 def clear_stale_dvc_locks(project: str, logger) -> list[str]:
-    """After a stage's processes were killed: DVC's per-path locks (.dvc/tmp/rwlock) name the dead
-    processes; drop those entries (DVC would also drop them, with a warning, on its next run). The
-    repository lock (.dvc/tmp/lock) is an fcntl lock, which the kernel released with its process:
-    check that it can be taken."""
+    """After a stage's processes were killed: report DVC's per-path lock entries (.dvc/tmp/rwlock)
+    that name dead processes. DVC drops those itself on its next run (under its own guard lock: the
+    file is never edited here, where a concurrent dvc command could lose its entry). The repository
+    lock (.dvc/tmp/lock) is an fcntl lock, which the kernel released with its process: check that
+    it can be taken."""
     import psutil
 
-    cleared = []
-    rwlock = Path(project) / ".dvc" / "tmp" / "rwlock"
+    stale = []
     try:
-        lock = json.loads(rwlock.read_text())
+        lock = json.loads((Path(project) / ".dvc" / "tmp" / "rwlock").read_text())
     except (OSError, ValueError):
-        lock = None
-    if isinstance(lock, dict):
-        for mode in ("read", "write"):
-            for path, infos in list(lock.get(mode, {}).items()):
-                entries = infos if isinstance(infos, list) else [infos]
-                alive = [e for e in entries if psutil.pid_exists(int(e.get("pid", 0)))]
-                for dead in (e for e in entries if e not in alive):
-                    cleared.append(f"{mode} lock on {path} held by killed PID {dead.get('pid')} ({dead.get('cmd')})")
-                if len(alive) == len(entries):
-                    continue
-                if mode == "read" and alive:
-                    lock[mode][path] = alive
-                elif mode == "write" and alive:
-                    lock[mode][path] = alive[0]
-                else:
-                    del lock[mode][path]
-        if cleared:
-            rwlock.write_text(json.dumps(lock))
-            for entry in cleared:
-                logger.warning("cleared a stale DVC lock: %s", entry)
+        lock = {}
+    for mode in ("read", "write"):
+        for path, infos in (lock.get(mode, {}) if isinstance(lock, dict) else {}).items():
+            for entry in infos if isinstance(infos, list) else [infos]:
+                if not psutil.pid_exists(int(entry.get("pid", 0))):
+                    stale.append(f"{mode} lock on {path} held by killed PID {entry.get('pid')} ({entry.get('cmd')})")
+    for entry in stale:
+        logger.warning("stale DVC lock (DVC drops it on its next run): %s", entry)
     repo_lock = Path(project) / ".dvc" / "tmp" / "lock"
     if repo_lock.exists():
         import zc.lockfile
@@ -192,7 +182,7 @@ def clear_stale_dvc_locks(project: str, logger) -> list[str]:
             logger.warning("DVC's repository lock %s is held by a live process (another dvc command?)", repo_lock)
         else:
             logger.info("DVC's repository lock %s is free", repo_lock)
-    return cleared
+    return stale
 
 
 @task(task_run_name="check params")
@@ -239,6 +229,8 @@ def _run_runner(args: list[str], project: str, minutes: float, name: str) -> dic
         logger.error("%s: still running after %g minutes: its process group was killed", name, minutes)
         clear_stale_dvc_locks(project, logger)
         raise StageTimeout(name, minutes)
+    if code < 0:  # the runner itself was killed by signal -code
+        code = 128 - code
     if code != 0:
         if code > 128:
             clear_stale_dvc_locks(project, logger)

@@ -94,9 +94,11 @@ async def artifact(key):
 
 
 def live_dvc_lock_entries(repo) -> list:
+    """Entries of DVC's per-path lock held by processes still alive (DVC ignores and drops the others)."""
     path = repo / ".dvc" / "tmp" / "rwlock"
     lock = json.loads(path.read_text()) if path.exists() else {}
-    return [path for mode in ("read", "write") for path in lock.get(mode, {})]
+    return [path for mode in ("read", "write") for path, infos in lock.get(mode, {}).items()
+            if any(psutil.pid_exists(int(e["pid"])) for e in (infos if isinstance(infos, list) else [infos]))]
 
 
 @pytest.mark.slow
