@@ -186,6 +186,7 @@ CURRENT = "pipeline/decode.py"
 
 
 def main(steps: int = 30, decode_only: bool = typer.Option(False, help="skip the training benchmark"),
+         train_only: bool = typer.Option(False, help="skip the decoding benchmark"),
          data: Path = typer.Option(storage.PREPARED, help="prepared data (vocabularies and splits)"),
          split: str = "test", max_len_ratio: list[float] = typer.Option([], help="default: evaluate.max_len_ratio"),
          batch1_sentences: int = typer.Option(100, help="sentences decoded one at a time"),
@@ -196,8 +197,9 @@ def main(steps: int = 30, decode_only: bool = typer.Option(False, help="skip the
     params = params_with(set)
     if not decode_only:
         benchmark_training(params, steps)
-    benchmark_decoding(params, data, split, max_len_ratio or [params.evaluate.max_len_ratio], batch1_sentences,
-                       [*decoder, CURRENT], lexicon, eos_bias)
+    if not train_only:
+        benchmark_decoding(params, data, split, max_len_ratio or [params.evaluate.max_len_ratio], batch1_sentences,
+                           [*decoder, CURRENT], lexicon, eos_bias)
 
 
 if __name__ == "__main__":
