@@ -7,6 +7,8 @@ import os
 import random
 import shutil
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,18 @@ def make_dvc_repo(root: Path) -> Path:
         result = run(cmd, root)
         assert result.returncode == 0, result.stderr
     return root
+
+
+def wait_healthy(health_url: str, server, log: Path, timeout: float = 120) -> None:
+    """Poll a server's health URL until it answers 200; fail with its log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{health_url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")

@@ -19,8 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -31,7 +29,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_params
 from pipeline.stages import STAGES
-from tests.conftest import REPO, run
+from tests.conftest import REPO, run, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -82,17 +80,7 @@ def mlflow_ui(db: Path, log_file: Path):
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow ui did not answer on {url}:\n{log_file.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(f"{url}/health", server, log_file)
         yield url
     finally:
         stop(server)

@@ -13,14 +13,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flows.deploy import CONCURRENCY, DEFAULT_CRON, build_deployment
-from tests.conftest import REPO, make_dvc_repo, run
+from tests.conftest import REPO, make_dvc_repo, run, wait_healthy
 
 BIN = Path(sys.executable).parent
 
@@ -88,20 +87,6 @@ def process(cmd: list[str], env: dict, cwd: Path, log: Path):
                     proc.wait()
 
 
-def wait_healthy(api_url: str, server, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 def prefect(*args: str, env: dict, cwd: Path) -> str:
     result = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=cwd, capture_output=True, text=True,
                             timeout=180)
@@ -152,7 +137,7 @@ def test_a_worker_runs_the_deployment_and_a_colliding_run_is_cancelled(tmp_path)
     port = api_url.rsplit(":", 1)[1].split("/")[0]
     with process([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
                  env, tmp_path, server_log) as server:
-        wait_healthy(api_url, server, server_log)
+        wait_healthy(f"{api_url}/health", server, server_log)
         # the README's three commands, from the checkout
         prefect("work-pool", "create", "vamos", "--type", "process", env=env, cwd=repo)
         deployed = prefect("--no-prompt", "deploy", "-n", "nightly", env=env, cwd=repo)
