@@ -17,7 +17,9 @@ from tests.test_train import MODEL, copy_of, embedded, last_checkpoint, run_trai
 
 # Sampled softmax on (the tiny target vocabulary has ~660 words): the candidates must be the
 # same on both ranks and the same as one process's for the curves to match.
-SAMPLED = dict(sampled_softmax=100, dropout=0.0, teacher_forcing=1.0, checkpoint_every=10)
+# fp32 (amp off): bf16 rounds two half batches differently from one whole batch, which would hide
+# the equality of the math under rounding noise.
+SAMPLED = dict(sampled_softmax=100, dropout=0.0, teacher_forcing=1.0, checkpoint_every=10, amp=False)
 # Per-step relative difference allowed between one process and two. Both compute the same
 # gradient of the same loss (same global batch, same candidates, dropout 0), only summed in
 # another order (two half batches, then gloo's all-reduce), so they differ by float32 rounding,
