@@ -248,11 +248,21 @@ def reproduce(stage: str, project: str, timeout_minutes: float) -> str:
     return status
 
 
+def hydra_value(value: Any) -> str:
+    """A param value in the override grammar of `dvc exp run -S` (Hydra's): JSON, but with dict keys
+    unquoted, which Hydra would read as one string. (`++key=` sets a key, also one that a dict lacks.)"""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {hydra_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(hydra_value(item) for item in value) + "]"
+    return json.dumps(value)
+
+
 @task(retry_condition_fn=_retry_if_temporary, task_run_name="dvc exp run {name}")
 def run_experiment(name: str, project: str, overrides: dict[str, Any], timeout_minutes: float) -> dict[str, str]:
     """The whole pipeline as one DVC experiment in a temporary copy (`dvc exp run --temp -n NAME -S ...`):
     the workspace and its params.yaml stay as they are; the results are in the experiment's commit."""
-    sets = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    sets = [f"++{key}={hydra_value(value)}" for key, value in overrides.items()]
     get_run_logger().info("dvc exp run --temp -n %s %s", name, " ".join(f"-S {s}" for s in sets))
     return _run_runner(["exp", name, *sets], project, timeout_minutes, f"experiment {name}")["statuses"]
 

@@ -17,7 +17,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline_flow import dvc_stages, vamos_pipeline
+from flows.pipeline_flow import dvc_stages, hydra_value, vamos_pipeline
 from pipeline.stages import STAGES
 from tests.conftest import make_dvc_repo, run
 
@@ -390,3 +390,20 @@ def test_a_dvc_lock_held_by_another_process_is_retried(prefect_server, tmp_path,
     assert state.is_completed(), state.message
     (task_run,) = [t for t in asyncio.run(task_runs_of(state.state_details.flow_run_id)) if t.name == "dvc repro flaky"]
     assert task_run.run_count >= 2 and (repo / "attempts").read_text() == "1"
+
+
+def test_overrides_of_every_type_reach_params_yaml_through_dvcs_set_param_grammar(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"flow": {"stage_timeouts": {}, "retry_delays_seconds": [1]},
+                                      "train": {"hidden_size": 256, "max_minutes": 3, "lr_schedule": "plateau",
+                                                "lexicon": True}}))
+    overrides = {"flow.stage_timeouts": {"embed": 20, "train": 90.5}, "flow.retry_delays_seconds": [5, 10],
+                 "train.hidden_size": 512, "train.max_minutes": None, "train.lr_schedule": "cosine",
+                 "train.lexicon": False}
+    apply_overrides(str(params), [f"++{key}={hydra_value(value)}" for key, value in overrides.items()])
+    written = yaml.safe_load(params.read_text())
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        assert written[section][leaf] == value
