@@ -114,6 +114,11 @@ def autocast(cfg: TrainParams, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and has_bf16(device))
 
 
+def training_precision(cfg: TrainParams, device: torch.device) -> str:
+    """What training computes in on this machine: `amp` alone does not say (no bf16, no autocast)."""
+    return "bf16 mixed" if cfg.amp and has_bf16(device) else "fp32"
+
+
 def has_bf16(device: torch.device) -> bool:
     """Native bf16 matrix instructions (oneDNN would emulate bf16 on any AVX512 CPU, slowly)."""
     if device.type == "cpu":
@@ -241,14 +246,15 @@ NOT_IN_FINGERPRINT = {"epochs", "max_steps", "patience", "smoothing", "max_minut
 CODE = ["train.py", "distributed.py", "data.py", "text.py", "embeddings.py", "decode.py", "lexicon.py", "model/*.py"]
 
 
-def fingerprint(params: Params, inputs: list[Path]) -> str:
+def fingerprint(params: Params, inputs: list[Path], precision: str = "fp32") -> str:
     """Which training a checkpoint belongs to: the train params that change what it computes, the
-    seed, the input files and the training code."""
+    precision it computes in here, the seed, the input files and the training code (so a bf16
+    checkpoint never resumes in fp32 on a machine without bf16, or the reverse)."""
     exclude = set(NOT_IN_FINGERPRINT)
     if params.train.lr_schedule != "plateau":
         exclude -= {"epochs", "max_steps"}  # a decaying schedule is stretched to the planned length
     train = params.train.model_dump(exclude=exclude)
-    digest = hashlib.sha1(json.dumps([params.seed, train], sort_keys=True).encode())
+    digest = hashlib.sha1(json.dumps([params.seed, train, precision], sort_keys=True).encode())
     code = Path(__file__).parent
     sources = sorted(p for pattern in CODE for p in code.glob(pattern))
     for path in sorted(inputs) + sources:
@@ -679,7 +685,7 @@ def _train(params: Params, dist: distributed.Distributed, device: torch.device, 
             torch.manual_seed(distributed.rank_seed(params.seed, dist.rank))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     inputs = [prepared / f for f in ("train.parquet", "valid.parquet", "vocab.src.json", "vocab.tgt.json")]
-    run_dir = checkpoints / fingerprint(params, inputs + sorted(embeddings.glob("*.w2v")))
+    run_dir = checkpoints / fingerprint(params, inputs + sorted(embeddings.glob("*.w2v")), training_precision(cfg, device))
     progress = Progress()
     if dist.enabled:
         progress = load_distributed_checkpoint(run_dir / "last.pt", model, optimizer, device, dist, generator,
@@ -752,7 +758,7 @@ def write_reports(trainer: Trainer, stop_reason: str, averaged_bleu: float | Non
         "stopped_by": stop_reason,
         "machine_dependent": machine_dependent,
         "device": str(device),
-        "precision": "bf16 mixed" if trainer.cfg.amp and has_bf16(device) else "fp32",
+        "precision": training_precision(trainer.cfg, device),
     }
     # Timings go to a file of their own that dvc.lock does not hash (a top-level metric in
     # dvc.yaml): the same training on a faster machine must give the same dvc.lock.

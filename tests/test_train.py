@@ -221,6 +221,7 @@ def test_fingerprint_covers_computation_not_speed(tmp_path):
         assert fingerprint(params.model_copy(update={"train": params.train.model_copy(update=speed_or_stop)}), []) == base
     for computation in ({"device": "cuda"}, {"input_feeding": not params.train.input_feeding}, {"sampled_softmax": 10}):
         assert fingerprint(params.model_copy(update={"train": params.train.model_copy(update=computation)}), []) != base
+    assert fingerprint(params, [], "bf16 mixed") != base  # the same params on a machine with bf16
     cosine = params.model_copy(update={"train": params.train.model_copy(update={"lr_schedule": "cosine"})})
     longer = params.model_copy(update={"train": cosine.train.model_copy(update={"epochs": 30})})
     assert fingerprint(cosine, []) != fingerprint(longer, [])  # the decay is stretched to the planned length

@@ -1,0 +1,39 @@
+"""Test (or validation) BLEU, chrF and greedy BLEU of model files, decoded exactly as `evaluate`
+decodes: how a training's best checkpoint is compared with its averaged weights, or two runs'
+models with each other, without touching reports/ or MLflow.
+
+    python benchmarks/score.py models/seq2seq/model.pt .vamos/checkpoints/*/best.pt
+    python benchmarks/score.py model.pt --split valid --set evaluate.beam_size=10"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import params_with  # noqa: E402
+
+from pipeline.data import load_split  # noqa: E402
+from pipeline.evaluate import detokenize_all, score, translate_split  # noqa: E402
+from pipeline.model import load_translator  # noqa: E402
+from pipeline.train import pick_device  # noqa: E402
+
+
+def main(models: list[Path], split: str = "test", data: Path = Path("data/prepared"),
+         set: list[str] = typer.Option([], "--set")) -> None:
+    params = params_with(set)
+    frame = load_split(split, data)
+    references = frame["tgt"].tolist()
+    print(f"| model | {split} sentences | BLEU (beam {params.evaluate.beam_size}) | chrF | greedy BLEU |")
+    print("|---|---|---|---|---|")
+    for path in models:
+        translator = load_translator(path, pick_device(params.train.device))
+        beam = score(detokenize_all(translator, translate_split(translator, frame, params.evaluate)), references)
+        greedy = score(detokenize_all(translator, translate_split(translator, frame, params.evaluate, beam_size=1)),
+                       references)
+        print(f"| {path} | {len(frame)} | {beam['bleu']:.2f} | {beam['chrf']:.2f} | {greedy['bleu']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    typer.run(main)
