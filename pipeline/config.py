@@ -84,6 +84,16 @@ class VocabParams(Strict):
     max_size: int = Field(30000, ge=10)
 
 
+class SubwordParams(Strict):
+    """Sentencepiece subwords on top of the Moses words, one model per language trained on the
+    training split; "none" keeps whole words as the model's tokens."""
+
+    model: Literal["none", "unigram", "bpe"] = "none"
+    # Pieces per language (a soft limit: a small corpus may give fewer). At least the characters
+    # of the training text, which sentencepiece keeps whole (character_coverage 1.0).
+    vocab_size: int = Field(8000, ge=100, le=1_000_000)
+
+
 class PrepareParams(Strict):
     src_lang: str = "en"  # Moses tokenisation rules; English also gets word2vec analogy scores
     tgt_lang: str = "es"
@@ -91,6 +101,7 @@ class PrepareParams(Strict):
     lowercase_tgt: bool = False  # the output keeps its case, so BLEU is scored on cased text
     split: SplitParams = SplitParams()
     vocab: VocabParams = VocabParams()
+    subwords: SubwordParams = SubwordParams()
 
 
 class EmbedParams(Strict):

@@ -295,7 +295,7 @@ class Translator:
         return results
 
     def translate(self, texts: list[str], **search) -> list[str]:
-        originals = [self.src_tok.tokenize_cased(t) for t in texts]
-        sources = [[t.lower() for t in s] for s in originals] if self.src_tok.lowercase else originals
+        pairs = [self.src_tok.from_cased(self.src_tok.words(t)) for t in texts]  # (tokens, cased tokens)
+        sources, originals = [tokens for tokens, _ in pairs], [cased for _, cased in pairs]
         outputs = self.translate_tokens(sources, originals=originals, **search)
         return [self.tgt_tok.detokenize(words) for words, _ in outputs]

@@ -202,20 +202,22 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         if len(sentences) != 1:
             raise RequestError(f"the attention heatmap needs exactly one sentence; this text has {len(sentences)}")
         [(translation, words, attention)] = self._decode(sentences, beam)
-        return sentences[0], words, attention, translation
+        # the attention's columns: the model's source tokens (pieces, with subwords), case kept
+        return self.translator.src_tok.from_cased(sentences[0])[1], words, attention, translation
 
     def _beam(self, beam_size: int | None) -> int:
         return self.default_beam if beam_size is None else check_beam_size(beam_size)
 
     def _tokenize(self, text: str) -> list[str]:
-        return self.translator.src_tok.tokenize_cased(text)
+        return self.translator.src_tok.words(text)  # Moses words, cased: what the limits count
 
     def _decode(self, originals: list[list[str]], beam: int) -> list[tuple[str, list[str], Any]]:
         """(translation, output words, attention) per sentence of cased source tokens."""
         if not originals:
             return []
         tr = self.translator
-        sources = [[t.lower() for t in s] for s in originals] if tr.src_tok.lowercase else originals
+        pairs = [tr.src_tok.from_cased(words) for words in originals]  # the model's tokens, and cased alike
+        sources, originals = [tokens for tokens, _ in pairs], [cased for _, cased in pairs]
         outputs = tr.translate_tokens(sources, beam_size=beam, originals=originals, **self.search)
         return [(tr.tgt_tok.detokenize(words), words, attention) for words, attention in outputs]
 
@@ -346,6 +348,6 @@ def requirements() -> list[str]:
     from importlib.metadata import version
 
     # Lower bounds, not pins: a serving machine with a GPU keeps its own torch build.
-    packages = ("torch", "sacremoses", "pysbd", "numpy", "pandas", "pyyaml", "pydantic")
+    packages = ("torch", "sacremoses", "sentencepiece", "pysbd", "numpy", "pandas", "pyyaml", "pydantic")
     return [f"mlflow=={mlflow.__version__}", *mlflow.pyfunc.get_default_pip_requirements(),
             *(f"{pkg}>={version(pkg).split('+')[0]}" for pkg in packages)]

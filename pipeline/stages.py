@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 
 import pandas as pd
 from rich.console import Console
@@ -12,7 +13,7 @@ from rich.table import Table
 from pipeline import storage
 from pipeline.config import Params
 from pipeline.data import SPLITS, split_path
-from pipeline.text import Vocab, tokenizers
+from pipeline.text import SUBWORD_FILE, Vocab, train_subwords, word_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def split_of(pair_id: str, valid: float, test: float) -> str:
 def prepare(params: Params) -> dict:
     cfg = params.prepare
     pairs = pd.read_parquet(storage.RAW_PAIRS)
-    src_tok, tgt_tok = tokenizers(params)
+    src_tok, tgt_tok = word_tokenizers(params)
     pairs["src_tokens"] = [" ".join(src_tok.tokenize(s)) for s in pairs["src"]]
     pairs["tgt_tokens"] = [" ".join(tgt_tok.tokenize(t)) for t in pairs["tgt"]]
     pairs["split"] = [split_of(i, cfg.split.valid, cfg.split.test) for i in pairs["id"]]
@@ -64,6 +65,20 @@ def prepare(params: Params) -> dict:
     leaking = (pairs["split"] == "train") & pairs["src_tokens"].isin(held_out)
     pairs = pairs[~leaking]
     frames = {s: pairs[pairs["split"] == s].drop(columns="split").reset_index(drop=True) for s in SPLITS}
+    subwords = cfg.subwords.model != "none"
+    for side in ("src", "tgt"):
+        model_file = storage.PREPARED / SUBWORD_FILE.format(side=side)
+        if not subwords:  # a word-level run leaves no models of an earlier subword run behind
+            model_file.unlink(missing_ok=True)
+            continue
+        # Trained on the training split's (case-handled) Moses words; then every split's words
+        # become pieces, which embed, train and evaluate take as they take words.
+        model = train_subwords(frames["train"][f"{side}_tokens"], cfg.subwords.model, cfg.subwords.vocab_size)
+        with storage.atomic_path(model_file) as tmp:
+            tmp.write_bytes(model)
+        tok = replace(src_tok if side == "src" else tgt_tok, subwords=model)
+        for frame in frames.values():
+            frame[f"{side}_tokens"] = [" ".join(tok.pieces(s.split())) for s in frame[f"{side}_tokens"]]
     for split, frame in frames.items():
         storage.write_parquet(split_path(split), frame)
     train = frames["train"]
@@ -76,15 +91,20 @@ def prepare(params: Params) -> dict:
         tokens = [t for s in frame[column] for t in s.split()]
         return round(sum(t not in vocab for t in tokens) / max(len(tokens), 1), 4)
 
+    train_tokens = {side: int(train[f"{side}_tokens"].str.split().str.len().sum()) for side in ("src", "tgt")}
     report = {
         "pairs": {s: len(f) for s, f in frames.items()},
         "dropped_train_pairs_with_held_out_source": int(leaking.sum()),
         "vocab": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
-        "train_tokens": {"src": int(train["src_tokens"].str.split().str.len().sum()),
-                         "tgt": int(train["tgt_tokens"].str.split().str.len().sum())},
+        "train_tokens": train_tokens,
         "test_unk_rate": {"src": unk_rate(frames["test"], "src_tokens", src_vocab),
                           "tgt": unk_rate(frames["test"], "tgt_tokens", tgt_vocab)},
+        # Pieces, with subwords: fewer unknowns cost longer sequences.
+        "mean_train_tokens_per_sentence": {side: round(n / max(len(train), 1), 2)
+                                           for side, n in train_tokens.items()},
     }
+    if subwords:
+        report["subwords"] = cfg.subwords.model_dump()
     storage.write_json(storage.REPORTS / "prepare.json", report)
     log.info("prepared %s; vocab %s", report["pairs"], report["vocab"])
     return report

@@ -1,9 +1,11 @@
-"""Word-level tokenisation (Moses rules), detokenisation, and vocabularies."""
+"""Tokenisation (Moses rules, optionally sentencepiece subwords on top), detokenisation, and
+vocabularies."""
 from __future__ import annotations
 
 import functools
+import io
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,12 +19,17 @@ PAD_ID, UNK_ID, SOS_ID, EOS_ID = range(4)
 
 # Typographic quotes become ASCII ones so that "God’s" splits like "God's" and detokenises back.
 _QUOTES = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "«": '"', "»": '"'})
+SPACE = "\u2581"  # sentencepiece's word-start mark
 
 
 @dataclass(frozen=True)
 class Tokenizer:
+    """Moses word tokens, lowercased if `lowercase`; with `subwords` (a serialized sentencepiece
+    model), those words are then cut into sentencepiece pieces, which are the model's tokens."""
+
     lang: str
     lowercase: bool
+    subwords: bytes | None = field(default=None, repr=False)
 
     @functools.cached_property
     def _moses(self) -> MosesTokenizer:
@@ -32,24 +39,113 @@ class Tokenizer:
     def _demoses(self) -> MosesDetokenizer:
         return MosesDetokenizer(lang=self.lang)
 
+    @functools.cached_property
+    def _pieces(self):
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_proto=self.subwords)
+
     def tokenize(self, text: str) -> list[str]:
-        tokens = self.tokenize_cased(text)
-        return [t.lower() for t in tokens] if self.lowercase else tokens
+        """The model's tokens for a text."""
+        return self.from_cased(self.words(text))[0]
 
     def tokenize_cased(self, text: str) -> list[str]:
-        """The same tokens with their case kept: what unknown words are copied from. (Lowercasing
-        comes after tokenising because Moses uses case to tell a sentence end from an abbreviation.)"""
+        """The same tokens with their case kept, one for one: what unknown words are copied from."""
+        return self.from_cased(self.words(text))[1]
+
+    def words(self, text: str) -> list[str]:
+        """The Moses word tokens, case kept: what the serving limits count. (Lowercasing comes after
+        tokenising because Moses uses case to tell a sentence end from an abbreviation.)"""
         return self._moses.tokenize(text.translate(_QUOTES), escape=False, aggressive_dash_splits=True)
 
+    def from_cased(self, words: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(the model's tokens, the same tokens with their case kept) for cased Moses words: without
+        subwords, the words (lowercased if `lowercase`) and the words; with subwords, the pieces of
+        the (lowercased) words and the cased text each piece covers."""
+        lowered = [w.lower() for w in words] if self.lowercase else list(words)
+        if self.subwords is None:
+            return lowered, list(words)
+        pieces = self.pieces(lowered)
+        if not self.lowercase:
+            return pieces, pieces
+        # A piece is a substring of "▁" + "▁".join(lowered) (identity normalisation, no byte
+        # fallback), so the cased text at the same offsets is its cased form. A word whose
+        # lowercase has another length (rare: "İ") keeps its lowercase form there.
+        cased = SPACE + SPACE.join(w if len(w) == len(l) else l for w, l in zip(words, lowered))
+        if sum(map(len, pieces)) != len(cased):  # not expected; the lowercase pieces are still right
+            return pieces, pieces
+        originals, at = [], 0
+        for piece in pieces:
+            originals.append(cased[at : at + len(piece)])
+            at += len(piece)
+        return pieces, originals
+
+    def pieces(self, words: Sequence[str]) -> list[str]:
+        """Sentencepiece's pieces for Moses words (already case-handled); never across words."""
+        return self._pieces.encode(" ".join(words), out_type=str) if words else []
+
     def detokenize(self, tokens: Sequence[str]) -> str:
-        return self._demoses.detokenize([t for t in tokens if t not in SPECIALS or t == UNK]).replace(" @-@ ", "-")
+        tokens = [t for t in tokens if t not in SPECIALS or t == UNK]
+        if self.subwords is not None:
+            tokens = join_pieces(tokens)
+        return self._demoses.detokenize(tokens).replace(" @-@ ", "-")
 
 
-def tokenizers(params) -> tuple[Tokenizer, Tokenizer]:
-    """The (source, target) tokenisers of `params.prepare`: what prepare tokenised the data with,
-    so training and translation tokenise alike."""
+def join_pieces(pieces: Sequence[str]) -> list[str]:
+    """The Moses words that sentencepiece pieces spell: sentencepiece's own decoding, which with
+    identity normalisation is concatenation with "▁" as a space. Done here rather than by the
+    processor because a piece copied from the source (unknown-word replacement, maybe cased) is not
+    in the target model, and the processor would keep its "▁". An <unk> stays a word of its own."""
+    text = "".join(f" {p} " if p == UNK else p for p in pieces)
+    return text.replace(SPACE, " ").split()
+
+
+def train_subwords(sentences: Iterable[str], model_type: str, vocab_size: int) -> bytes:
+    """A serialized sentencepiece model trained on space-separated Moses words, the same bytes
+    for the same sentences on every run: one thread, every sentence read in order, a fixed seed.
+
+    Identity normalisation keeps pieces substrings of the words (no NFKC), so pieces decode back to
+    exactly the words; character_coverage 1.0 keeps every training character. No byte fallback:
+    the pieces vamos' vocabulary keeps are those seen in training, which byte pieces never are
+    (every training character is a piece), so they would only cost 256 slots; an unseen character
+    stays a piece of its own, unknown to the vocabulary, and decodes back to itself. Sentencepiece's
+    <s> and </s> are off (vamos adds its own <sos>, <eos>); its <unk> only exists in its model."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(1234)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(sentences)), model_writer=model, model_type=model_type,
+        vocab_size=vocab_size, hard_vocab_limit=False,  # a small corpus gets fewer pieces, not an error
+        character_coverage=1.0, byte_fallback=False, normalization_rule_name="identity",
+        split_by_whitespace=True, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1,
+        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    return model.getvalue()
+
+
+SUBWORD_FILE = "spm.{side}.model"
+
+
+def word_tokenizers(params) -> tuple[Tokenizer, Tokenizer]:
+    """The (source, target) Moses tokenisers of `params.prepare`, without subwords."""
     cfg = params.prepare
     return Tokenizer(cfg.src_lang, cfg.lowercase_src), Tokenizer(cfg.tgt_lang, cfg.lowercase_tgt)
+
+
+def tokenizers(params, prepared: str | Path = storage.PREPARED) -> tuple[Tokenizer, Tokenizer]:
+    """The (source, target) tokenisers of `params.prepare`: what prepare tokenised the data with,
+    so training and translation tokenise alike. With `prepare.subwords`, they carry the
+    sentencepiece models that prepare trained (read from `prepared`)."""
+    cfg = params.prepare
+    src, tgt = word_tokenizers(params)
+    if cfg.subwords.model == "none":
+        return src, tgt
+    models = {side: Path(prepared) / SUBWORD_FILE.format(side=side) for side in ("src", "tgt")}
+    missing = [str(p) for p in models.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"prepare.subwords is {cfg.subwords.model!r} but {', '.join(missing)} "
+                                "is missing: run `vamos prepare`")
+    return replace(src, subwords=models["src"].read_bytes()), replace(tgt, subwords=models["tgt"].read_bytes())
 
 
 class Vocab:

@@ -48,6 +48,21 @@ def test_split_must_leave_training_data(tmp_path):
         load_params(write(tmp_path, params))
 
 
+def test_subwords_default_to_words_and_bad_values_are_named(tmp_path):
+    assert load_params(REPO / "params.yaml").prepare.subwords.model == "none"
+    params = small_params()
+    del params["prepare"]["subwords"]
+    assert load_params(write(tmp_path, params)).prepare.subwords.model == "none"
+    for bad, key in (({"model": "wordpiece"}, "prepare.subwords.model"), ({"model": None}, "prepare.subwords.model"),
+                     ({"model": "bpe", "vocab_size": 10}, "prepare.subwords.vocab_size"),
+                     ({"model": "bpe", "size": 100}, "prepare.subwords.size")):
+        params["prepare"]["subwords"] = bad
+        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+            load_params(write(tmp_path, params))
+    params["prepare"]["subwords"] = {"model": "unigram", "vocab_size": 4000}
+    assert load_params(write(tmp_path, params)).prepare.subwords.vocab_size == 4000
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(write(tmp_path, "train: [unclosed"))

@@ -1,5 +1,5 @@
 """The seq2seq model, and its self-contained checkpoint: weights, config, vocabularies and
-tokeniser settings in one file, loadable with torch.load(weights_only=True)."""
+tokeniser settings (sentencepiece models included) in one file, loadable with torch.load(weights_only=True)."""
 from __future__ import annotations
 
 import io
@@ -21,8 +21,8 @@ def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vo
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "src_vocab": src_vocab.itos,
         "tgt_vocab": tgt_vocab.itos,
-        "src_tokenizer": {"lang": src_tok.lang, "lowercase": src_tok.lowercase},
-        "tgt_tokenizer": {"lang": tgt_tok.lang, "lowercase": tgt_tok.lowercase},
+        "src_tokenizer": tokenizer_settings(src_tok),
+        "tgt_tokenizer": tokenizer_settings(tgt_tok),
     }
     if lexicon is not None:  # a pipeline.lexicon.Lexicon, as plain strings and lists
         bundle["lexicon"] = lexicon.to_dict()
@@ -40,7 +40,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model = Seq2Seq(ModelConfig(**bundle["config"]))
     model.load_state_dict(bundle["state_dict"])
     return (model.to(device).eval(), Vocab(bundle["src_vocab"]), Vocab(bundle["tgt_vocab"]),
-            Tokenizer(**bundle["src_tokenizer"]), Tokenizer(**bundle["tgt_tokenizer"]))
+            tokenizer_of(bundle["src_tokenizer"]), tokenizer_of(bundle["tgt_tokenizer"]))
+
+
+def tokenizer_settings(tok: Tokenizer) -> dict:
+    """A tokeniser as weights_only-loadable values. A sentencepiece model travels as a uint8
+    tensor (torch.load with weights_only=True refuses bytes); a word-level one adds no key."""
+    settings = {"lang": tok.lang, "lowercase": tok.lowercase}
+    if tok.subwords is not None:
+        settings["subwords"] = torch.frombuffer(bytearray(tok.subwords), dtype=torch.uint8)
+    return settings
+
+
+def tokenizer_of(settings: dict) -> Tokenizer:
+    subwords = settings.get("subwords")
+    return Tokenizer(settings["lang"], settings["lowercase"],
+                     subwords=None if subwords is None else subwords.cpu().numpy().tobytes())
 
 
 def load_translator(path: str | Path, device: str | torch.device = "cpu"):
