@@ -672,7 +672,7 @@ def _train(params: Params, dist: distributed.Distributed, device: torch.device, 
         torch.set_num_threads(cfg.threads or (distributed.threads_per_rank(cores, dist.local_world_size)
                                               if dist.enabled else cores))
     corpus = load_corpus(prepared)
-    src_tok, tgt_tok = tokenizers(params)
+    src_tok, tgt_tok = tokenizers(params, prepared)
     model, src_cov, tgt_cov = initial_model(params, corpus.src_vocab, corpus.tgt_vocab, embeddings, device)
     log.info("model: %s parameters; embedding coverage src %.1f%%, tgt %.1f%%",
              f"{sum(p.numel() for p in model.parameters()):,}", 100 * src_cov, 100 * tgt_cov)
