@@ -311,7 +311,10 @@ def save_checkpoint(path: Path, model, optimizer, progress: Progress, rng: dict 
 
 
 def load_checkpoint(path: Path, model, optimizer, device) -> Progress:
-    state = torch.load(path, map_location=device, weights_only=True)
+    # On the CPU, as load_distributed_checkpoint does: the random states must be CPU tensors (a
+    # CUDA resume crashed converting the numpy state), and load_state_dict moves the weights and
+    # Adam's moments to the parameters' device.
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
