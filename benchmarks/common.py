@@ -6,7 +6,7 @@ import yaml
 from pipeline.config import Params, load_params
 from pipeline.data import load_corpus, load_split, load_vocabs
 from pipeline.storage import EMBEDDINGS, MODEL_FILE
-from pipeline.train import initial_model, pick_device
+from pipeline.train import initial_model, keep_freed_memory, pick_device
 
 
 def params_with(overrides: list[str]) -> Params:
@@ -28,8 +28,10 @@ def setup(params: Params):
 
     torch.manual_seed(params.seed)
     device = pick_device(params.train.device)
-    if device.type == "cpu" and params.train.threads:
-        torch.set_num_threads(params.train.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # as `vamos train` does
+        if params.train.threads:
+            torch.set_num_threads(params.train.threads)
     corpus = load_corpus()
     model, _, _ = initial_model(params, corpus.src_vocab, corpus.tgt_vocab, EMBEDDINGS, device)
     return model, corpus.train, corpus.valid.frame, corpus.src_vocab, corpus.tgt_vocab, device

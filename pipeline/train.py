@@ -6,6 +6,7 @@ Training stops after `epochs` or `max_steps` updates, so the same seed and data 
 weights on every run; `max_minutes` is only a safety net, and says so loudly when it fires."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
@@ -47,6 +48,20 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed memory for reuse: blocks above its mmap limit (32 MiB at most)
+    go back to the OS when freed, and each fresh page then costs a page fault. Full-softmax logits
+    (batch tokens x vocabulary, 160 MB) are such blocks, allocated several times a step: the
+    reference model trained 1.2x as fast with this. Nothing changes in what is computed; no-op
+    where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: no block from mmap, all from the heap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give back only a free GiB at the heap's top
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,6 +685,7 @@ def _train(params: Params, dist: distributed.Distributed, device: torch.device, 
            out_dir: Path, reports: Path, checkpoints: Path) -> dict:
     cfg = params.train
     if device.type == "cpu":
+        keep_freed_memory()
         cores = os.cpu_count() or 1
         # `threads` is per process; 0 is all cores in one process, a fair share of them per rank under DDP.
         torch.set_num_threads(cfg.threads or (distributed.threads_per_rank(cores, dist.local_world_size)

@@ -153,6 +153,20 @@ def test_decoder_without_input_feeding_runs_in_one_call_as_it_steps(attention):
     assert model.decoder.rnn.input_size == model.config.emb_size  # no attentional state fed back
 
 
+def test_input_feeding_decoder_embeds_once_as_it_steps():
+    """Teacher-forced training embeds the whole target at once (one embedding gradient, not one per
+    step) and must compute what decoding's steps compute."""
+    model = make_model(input_feeding=True, decoder_layers=2).eval()
+    src, src_len = source_batch()
+    tgt_in = torch.tensor([[SOS_ID, 4, 5, 6], [SOS_ID, 6, 7, 0]])
+    parallel, parallel_weights = model(src, src_len, tgt_in)
+    memory, state = model.encode(src, src_len)
+    for t in range(tgt_in.size(1)):
+        attentional, state, weights = model.decoder.step(tgt_in[:, t], state, memory)
+        assert torch.allclose(parallel[:, t], attentional, atol=1e-6)
+        assert torch.allclose(parallel_weights[:, t], weights, atol=1e-6)
+
+
 def test_model_without_input_feeding_round_trips_and_decodes(tmp_path):
     from pipeline.decode import greedy_search
 

