@@ -198,7 +198,7 @@ class ServeParams(Strict):
     is rejected with an error naming the limit (never silently cut or translated in pieces)."""
 
     max_sentences: int = Field(64, ge=1)  # sentences decoded per request, after splitting
-    max_sentence_tokens: int = Field(128, ge=1)  # Moses tokens; training kept sides of <= 80 words
+    max_sentence_tokens: int = Field(128, ge=1)  # model tokens (words or subword pieces); training kept <= 80 words
 
 
 class FlowParams(Strict):

@@ -56,11 +56,19 @@ def plot_attention(source: list[str], output: list[str], attention: np.ndarray, 
     storage.save_figure(path, fig)
 
 
+def source_tokens(translator: Translator, frame: pd.DataFrame) -> tuple[list[list[str]], list[list[str]]]:
+    """(the model's tokens, their cased twins) for each source text, by the model's own tokeniser:
+    a champion with other subword pieces than today's prepared data is scored on its own pieces
+    (in word mode these are the prepared `src_tokens`)."""
+    pairs = [translator.src_tok.from_cased(translator.src_tok.words(text)) for text in frame["src"]]
+    return [tokens for tokens, _ in pairs], [cased for _, cased in pairs]
+
+
 def translate_split(translator: Translator, frame: pd.DataFrame, cfg: EvaluateParams,
                     beam_size: int | None = None) -> list[tuple[list[str], np.ndarray]]:
     """(output tokens, attention) for each row of a prepared split, decoded with the evaluate
     settings: the one decoding that test scores and the registry's comparisons share."""
-    sources = [s.split() for s in frame["src_tokens"]]
+    sources, originals = source_tokens(translator, frame)
     lexicon = {"unk_dictionary": cfg.unk_dictionary, "shortlist": cfg.shortlist}
     if any(lexicon.values()) and translator.lexicon is None:
         # A model saved without train.lexicon (a champion registered before it was switched on).
@@ -68,7 +76,7 @@ def translate_split(translator: Translator, frame: pd.DataFrame, cfg: EvaluatePa
         lexicon = {}
     return translator.translate_tokens(
         sources, beam_size=beam_size or cfg.beam_size, alpha=cfg.length_penalty, max_len_ratio=cfg.max_len_ratio,
-        batch_size=cfg.batch_size, originals=[translator.src_tok.tokenize_cased(s) for s in frame["src"]],
+        batch_size=cfg.batch_size, originals=originals,
         precision=cfg.precision, unk_penalty=cfg.unk_penalty, **lexicon)
 
 
@@ -77,7 +85,7 @@ def detokenize_all(translator: Translator, outputs: list[tuple[list[str], np.nda
 
 
 def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, reports: Path) -> dict:
-    sources = [s.split() for s in test["src_tokens"]]
+    sources, _ = source_tokens(translator, test)
     references = test["tgt"].tolist()
     log.info("decoding %d test sentences (greedy, then beam %d)", len(sources), cfg.beam_size)
     greedy_text = detokenize_all(translator, translate_split(translator, test, cfg, beam_size=1))

@@ -92,17 +92,20 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _segmenter().segment(text) if s.strip()]
 
 
-def plan_lines(texts: list[str], tokenize, limits: Limits, paragraphs: bool = False) -> list[list[list[str]]]:
+def plan_lines(texts: list[str], tokenize, limits: Limits, paragraphs: bool = False,
+               length=len) -> list[list[list[str]]]:
     """For each text, the cased token lists of the sentences to decode ([] for a blank line).
     `paragraphs` splits every text into sentences; otherwise only a text over the token limit
-    is split. A sentence still over the limit is a RequestError naming it."""
-    return [_sentences(text, i, tokenize, limits, paragraphs) for i, text in enumerate(texts)]
+    is split. A sentence still over the limit is a RequestError naming it. `length` counts a
+    token list as the model will see it (its subword pieces, with subwords)."""
+    return [_sentences(text, i, tokenize, limits, paragraphs, length) for i, text in enumerate(texts)]
 
 
-def plan_request(texts: list[str], tokenize, limits: Limits, paragraphs: bool = False) -> list[list[list[str]]]:
+def plan_request(texts: list[str], tokenize, limits: Limits, paragraphs: bool = False,
+                 length=len) -> list[list[list[str]]]:
     """plan_lines for one request, which also holds at most `max_sentences` sentences."""
     _check_size(texts, limits)
-    plan = plan_lines(texts, tokenize, limits, paragraphs)
+    plan = plan_lines(texts, tokenize, limits, paragraphs, length)
     total = sum(max(len(sentences), 1) for sentences in plan)
     if total > limits.max_sentences:
         raise RequestError(f"{total} sentences in one request (after sentence splitting); the limit is "
@@ -122,17 +125,17 @@ def _check_size(texts: list[str], limits: Limits) -> None:
                            f"{limits.max_sentence_tokens} tokens fit (about {budget} characters)")
 
 
-def _sentences(text: str, index: int, tokenize, limits: Limits, paragraphs: bool) -> list[list[str]]:
+def _sentences(text: str, index: int, tokenize, limits: Limits, paragraphs: bool, length) -> list[list[str]]:
     if not text.strip():
         return []
     whole = tokenize(text)
-    split = paragraphs or len(whole) > limits.max_sentence_tokens
-    pieces = [tokenize(s) for s in split_sentences(text)] if split else [whole]
-    for tokens in pieces:
-        if len(tokens) > limits.max_sentence_tokens:
-            raise RequestError(f"a sentence of input {index + 1} has {len(tokens)} tokens; the limit is "
+    split = paragraphs or length(whole) > limits.max_sentence_tokens
+    sentences = [tokenize(s) for s in split_sentences(text)] if split else [whole]
+    for tokens in sentences:
+        if length(tokens) > limits.max_sentence_tokens:
+            raise RequestError(f"a sentence of input {index + 1} has {length(tokens)} tokens; the limit is "
                                f"{limits.max_sentence_tokens} (serve.max_sentence_tokens): split it into shorter sentences")
-    return pieces
+    return sentences
 
 
 def _rejoin(plan: list[list[list[str]]], translations: list[str]) -> list[str]:
@@ -176,7 +179,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
     def translate(self, texts: list, beam_size: int | None = None, paragraphs: bool = False) -> list[str]:
         """One request: every limit applies."""
         beam = self._beam(beam_size)
-        plan = plan_request(check_texts(texts), self._tokenize, self.limits, paragraphs)
+        plan = plan_request(check_texts(texts), self._tokenize, self.limits, paragraphs, self._length)
         return _rejoin(plan, [t for t, _, _ in self._decode([s for line in plan for s in line], beam)])
 
     def translate_document(self, lines: list[str], beam_size: int | None = None, paragraphs: bool = False,
@@ -186,7 +189,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         from tqdm import tqdm
 
         beam = self._beam(beam_size)
-        plan = plan_lines(check_texts(lines), self._tokenize, self.limits, paragraphs)
+        plan = plan_lines(check_texts(lines), self._tokenize, self.limits, paragraphs, self._length)
         sentences = [s for line in plan for s in line]
         step, translations = self.limits.max_sentences, []
         with tqdm(total=len(sentences), unit="sentence", disable=not progress) as bar:
@@ -198,7 +201,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
     def translate_with_attention(self, text: str, beam_size: int | None = None, paragraphs: bool = False):
         """(source tokens, output words, attention matrix, translation) of a text decoded as one unit."""
         beam = self._beam(beam_size)
-        [sentences] = plan_request(check_texts([text]), self._tokenize, self.limits, paragraphs)
+        [sentences] = plan_request(check_texts([text]), self._tokenize, self.limits, paragraphs, self._length)
         if len(sentences) != 1:
             raise RequestError(f"the attention heatmap needs exactly one sentence; this text has {len(sentences)}")
         [(translation, words, attention)] = self._decode(sentences, beam)
@@ -209,7 +212,12 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         return self.default_beam if beam_size is None else check_beam_size(beam_size)
 
     def _tokenize(self, text: str) -> list[str]:
-        return self.translator.src_tok.words(text)  # Moses words, cased: what the limits count
+        return self.translator.src_tok.words(text)  # Moses words, cased: what _decode takes
+
+    def _length(self, words: list[str]) -> int:
+        """What the limits count: the model's tokens (with subwords, pieces: a 2,000-letter word
+        is one word but some 1,700 pieces of encoder and attention work)."""
+        return len(self.translator.src_tok.from_cased(words)[0])
 
     def _decode(self, originals: list[list[str]], beam: int) -> list[tuple[str, list[str], Any]]:
         """(translation, output words, attention) per sentence of cased source tokens."""

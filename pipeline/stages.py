@@ -104,7 +104,9 @@ def prepare(params: Params) -> dict:
                                            for side, n in train_tokens.items()},
     }
     if subwords:
-        report["subwords"] = cfg.subwords.model_dump()
+        import sentencepiece
+
+        report["subwords"] = cfg.subwords.model_dump() | {"sentencepiece": sentencepiece.__version__}
     storage.write_json(storage.REPORTS / "prepare.json", report)
     log.info("prepared %s; vocab %s", report["pairs"], report["vocab"])
     return report
@@ -128,8 +130,10 @@ def embed(params: Params) -> dict:
 
 
 def train(params: Params) -> dict:
-    from pipeline.train import train as run_training
+    from pipeline.train import keep_freed_memory, pick_device, train as run_training
 
+    if pick_device(params.train.device).type == "cpu":
+        keep_freed_memory()
     return run_training(params)
 
 

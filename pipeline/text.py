@@ -138,9 +138,13 @@ def tokenizers(params, prepared: str | Path = storage.PREPARED) -> tuple[Tokeniz
     sentencepiece models that prepare trained (read from `prepared`)."""
     cfg = params.prepare
     src, tgt = word_tokenizers(params)
-    if cfg.subwords.model == "none":
-        return src, tgt
     models = {side: Path(prepared) / SUBWORD_FILE.format(side=side) for side in ("src", "tgt")}
+    if cfg.subwords.model == "none":
+        stale = [str(p) for p in models.values() if p.exists()]
+        if stale:  # the data are pieces: word tokenisers would feed the model unknowns
+            raise FileNotFoundError(f"prepare.subwords is 'none' but {Path(prepared)} was prepared with subwords "
+                                    f"({', '.join(stale)}): run `vamos prepare`")
+        return src, tgt
     missing = [str(p) for p in models.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(f"prepare.subwords is {cfg.subwords.model!r} but {', '.join(missing)} "

@@ -153,18 +153,22 @@ def test_decoder_without_input_feeding_runs_in_one_call_as_it_steps(attention):
     assert model.decoder.rnn.input_size == model.config.emb_size  # no attentional state fed back
 
 
-def test_input_feeding_decoder_embeds_once_as_it_steps():
+@pytest.mark.parametrize("copies", [1, 20])  # 2 rows: decoding's lstm_cell path; 40: nn.LSTM's
+def test_input_feeding_decoder_embeds_once_as_it_steps(copies):
     """Teacher-forced training embeds the whole target at once (one embedding gradient, not one per
     step) and must compute what decoding's steps compute."""
-    model = make_model(input_feeding=True, decoder_layers=2).eval()
+    model = make_model(input_feeding=True, decoder_layers=2, dropout=0.0).train()
     src, src_len = source_batch()
-    tgt_in = torch.tensor([[SOS_ID, 4, 5, 6], [SOS_ID, 6, 7, 0]])
+    src, src_len = src.repeat(copies, 1), src_len.repeat(copies)
+    tgt_in = torch.tensor([[SOS_ID, 4, 5, 6], [SOS_ID, 6, 7, 0]]).repeat(copies, 1)
     parallel, parallel_weights = model(src, src_len, tgt_in)
-    memory, state = model.encode(src, src_len)
-    for t in range(tgt_in.size(1)):
-        attentional, state, weights = model.decoder.step(tgt_in[:, t], state, memory)
-        assert torch.allclose(parallel[:, t], attentional, atol=1e-6)
-        assert torch.allclose(parallel_weights[:, t], weights, atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        memory, state = model.encode(src, src_len)
+        for t in range(tgt_in.size(1)):
+            attentional, state, weights = model.decoder.step(tgt_in[:, t], state, memory)
+            assert torch.allclose(parallel[:, t], attentional, atol=1e-5)
+            assert torch.allclose(parallel_weights[:, t], weights, atol=1e-5)
 
 
 def test_model_without_input_feeding_round_trips_and_decodes(tmp_path):

@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import sentencepiece
 import torch
 import yaml
 
@@ -152,7 +153,7 @@ def test_prepare_writes_subword_models_and_pieces(tmp_path, monkeypatch):
         assert row.tgt_tokens.split() == tgt_tok.tokenize(row.tgt)
     for (row, word_row) in zip(train.itertuples(), word_train.itertuples()):
         assert "".join(row.tgt_tokens.split()).replace("\u2581", " ").split() == word_row.tgt_tokens.split()
-    assert report["subwords"] == {"model": "unigram", "vocab_size": 120}
+    assert report["subwords"] == {"model": "unigram", "vocab_size": 120, "sentencepiece": sentencepiece.__version__}
     assert report["mean_train_tokens_per_sentence"]["tgt"] > word["mean_train_tokens_per_sentence"]["tgt"]
     assert report["test_unk_rate"]["tgt"] <= word["test_unk_rate"]["tgt"]
     assert json.loads((storage.REPORTS / "prepare.json").read_text()) == report
@@ -172,3 +173,30 @@ def test_tokenizers_need_the_prepared_models(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="vamos prepare"):
         tokenizers(write_project(tmp_path, "bpe"))
+
+
+def test_word_tokenizers_refuse_data_prepared_with_subwords(tmp_path, monkeypatch):
+    """Switching prepare.subwords back to none without re-preparing must not train words on pieces."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    (tmp_path / "data/prepared/spm.src.model").write_bytes(b"pieces")
+    with pytest.raises(FileNotFoundError, match="prepared with subwords.*vamos prepare"):
+        tokenizers(write_project(tmp_path, "none"))
+
+
+def test_served_limits_count_the_models_pieces(tmp_path):
+    """One long unknown word is one Moses word but hundreds of pieces of encoder work: the
+    sentence limit counts pieces, and the error names the limit."""
+    from pipeline.config import Params
+    from pipeline.serving import RequestError, TranslatorModel, model_config
+
+    src, tgt = subword_tokenizer("en", True), subword_tokenizer("es", False, "bpe")
+    vocabs = Vocab([f"s{i}" for i in range(26)]), Vocab([f"t{i}" for i in range(21)])
+    save_model(tmp_path / "m.pt", make_model(), *vocabs, src, tgt)
+    config = model_config(Params()) | {"max_sentence_tokens": 40, "beam_size": 1}
+    served = TranslatorModel().configure(tmp_path / "m.pt", config)
+    word = "qzxvkjqzxvkj" * 10
+    assert len(src.words(word)) == 1 and len(src.tokenize(word)) > 40
+    with pytest.raises(RequestError, match="has [0-9]+ tokens; the limit is 40 .serve.max_sentence_tokens."):
+        served.translate([word])
+    assert len(served.translate(["the king went out."])) == 1  # a short sentence still goes through
