@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The lever table in the README: the real `train` and `evaluate` stages for each setting, side by
+# side (one GPU holds them all; on a CPU give each its own machine), 14 epochs each (the CPU
+# default's budget), each keeping its last 5 validated weights so that best and averaged can be
+# compared, then benchmarks/score.py on each run's best checkpoint. Needs data/raw/pairs.parquet
+# (`dvc repro ingest`); each setting runs in a copy of the checkout under $ROOT.
+#
+#   bash benchmarks/levers.sh            # figures to stdout, logs and reports to $OUT
+#   bash benchmarks/levers.sh train.max_steps=3 embed.epochs=1 evaluate.max_len_ratio=0.3   # a smoke test
+set -u
+OUT=${OUT:-/tmp/levers-out} ROOT=${ROOT:-/tmp/levers}
+mkdir -p "$OUT"; rm -rf "$ROOT"; mkdir -p "$ROOT"
+if [ -d .whl ]; then  # a lent machine without the project's packages: wheels carried beside the checkout
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+EXTRA="$*"
+declare -A TRAIN=([default]="{}" [cosine]="{'lr_schedule': 'cosine', 'warmup_steps': 200}"
+                  [batch5000]="{'batch_tokens': 5000}" [fullsoftmax]="{'sampled_softmax': 0}"
+                  [hidden384]="{'hidden_size': 384, 'epochs': 18}" [subword]="{}")
+declare -A PREPARE=([subword]="{'subwords': {'model': 'bpe', 'vocab_size': 8000}}")
+vamos() { (cd "$ROOT/$1" && PYTHONPATH=${PYTHONPATH:-}:$PWD python3 -m pipeline.cli "$2" > "$OUT/$2_$1.log" 2>&1); }
+for name in "${!TRAIN[@]}"; do
+  cp -r . "$ROOT/$name"; rm -f "$ROOT/$name"/reports/*.json "$ROOT/$name/reports/learning_curve.csv"
+  python3 - "$ROOT/$name/params.yaml" "${TRAIN[$name]}" "${PREPARE[$name]:-{\}}" $EXTRA <<'PY'
+import ast, sys, yaml
+path, train, prepare = sys.argv[1], ast.literal_eval(sys.argv[2]), ast.literal_eval(sys.argv[3])
+p = yaml.safe_load(open(path))
+p["train"].update(epochs=14, max_minutes=6, average_checkpoints=5, threads=2)
+p["train"].update(train)
+for kv in sys.argv[4:]:  # section.key=value, for every setting
+    key, value = kv.split("=", 1)
+    section, leaf = key.split(".")
+    p[section][leaf] = yaml.safe_load(value)
+p["prepare"].update(prepare)
+yaml.safe_dump(p, open(path, "w"), sort_keys=False)
+PY
+done
+for name in "${!TRAIN[@]}"; do (vamos $name prepare && vamos $name embed && vamos $name train && vamos $name evaluate
+  echo "$name: rc $?") & done; wait
+for name in "${!TRAIN[@]}"; do
+  (cd "$ROOT/$name" && PYTHONPATH=${PYTHONPATH:-}:$PWD python3 benchmarks/score.py .vamos/checkpoints/*/best.pt \
+     > "$OUT/score_best_$name.md" 2>&1) &
+done; wait
+echo "| setting | train tokens/s | epochs | best valid BLEU | test BLEU (chrF), best epoch | test BLEU (chrF), last 5 averaged |"
+echo "|---|---|---|---|---|---|"
+for name in "${!TRAIN[@]}"; do
+  d=$ROOT/$name; cp "$d/reports/learning_curve.csv" "$OUT/curve_$name.csv" 2>/dev/null
+  python3 - "$d" "$name" "$OUT/score_best_$name.md" <<'PY'
+import json, sys
+d, name, best = sys.argv[1:]
+try:
+    t, s = json.load(open(f"{d}/reports/train.json")), json.load(open(f"{d}/reports/train_speed.json"))
+    m = json.load(open(f"{d}/reports/metrics.json"))["test"]
+    b = open(best).read().strip().splitlines()[-1].split("|")
+    print(f"| {name} | {s['tokens_per_sec']:,.0f} | {t['epochs']} | {t['best_valid_bleu']:.2f} | "
+          f"{b[3].strip()} ({b[4].strip()}) | {m['bleu']} ({m['chrf']}) |")
+except (OSError, KeyError, IndexError, ValueError) as error:
+    print(f"| {name} | failed: {error!r} (logs in $OUT) |")
+PY
+done
