@@ -7,8 +7,8 @@ Decoding: a table of sentences/s for greedy and beam search, one sentence at a t
 over a split (the test split by default), with its mean source and output lengths. Side by side:
     git show <commit>:pipeline/decode.py > /tmp/old_decode.py
     python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py --lexicon lexicon.pt
-times an older decode.py, this one in fp32 and with the bf16 output projection, and both with a
-lexical shortlist, back to back in each row. On a shared machine add `--set train.threads=1` and read the CPU-time figures.
+times an older decode.py (in bf16 where it has a `precision`), this one in fp32 and in bf16, and
+both with a lexical shortlist, back to back in each row; each figure is the fastest of --repeats runs. On a shared machine add `--set train.threads=1` and read the CPU-time figures.
 
 Training needs a checkout where `dvc repro` has made data/prepared and models/embeddings. Decoding
 falls back to a random model of the configured size (which never stops early: bound it with
@@ -17,6 +17,7 @@ figures and asserts nothing: timings belong in a benchmark, not in a test."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 import time
@@ -117,19 +118,23 @@ def spread_subset(items: list, count: int) -> list:
     return [items[int(i * step)] for i in range(min(count, len(items)))]
 
 
-def time_decoding(translate, sources, device) -> tuple[float, float, float]:
+def time_decoding(translate, sources, device, repeats: int) -> tuple[float, float, float]:
     """(sentences per second of wall time, per second of this process's CPU time, mean output
-    length in tokens) of `translate(sources)`. On a machine others share, CPU time (with one
+    length in tokens) of `translate(sources)`, the fastest of `repeats` runs (as timeit: slower
+    runs measure what else the machine was doing). On a machine others share, CPU time (with one
     thread, --set train.threads=1) still measures the work; wall time measures the wait too."""
-    start, cpu_start = time.perf_counter(), time.process_time()
-    outputs = translate(sources)
-    synchronize(device)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        outputs = translate(sources)
+        synchronize(device)
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - cpu_start)
     return len(sources) / wall, len(sources) / cpu, sum(len(words) for words, _ in outputs) / len(outputs)
 
 
 def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batch1_sentences: int,
-                       decoders: list[str], lexicon_path: Path | None, eos_bias: float = 0.0) -> None:
+                       decoders: list[str], lexicon_path: Path | None, eos_bias: float = 0.0,
+                       repeats: int = 3) -> None:
     """One row per (max_len_ratio, search, batch size); one sentences/s column per decoder, timed
     back to back so that each row's figures share the machine's load."""
     model, sources, src_vocab, tgt_vocab, device, notes = decoding_setup(params, data, split)
@@ -139,9 +144,12 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
         notes.append(f"<eos> logit raised by {eos_bias}, so that sentences end at various lengths, as a trained "
                      "model's do (+2.4 on the random model: greedy outputs of 26 tokens on average, as the references)")
     lexicon = load_lexicon(lexicon_path) if lexicon_path else None
-    # name -> (translator, its decoding options); the older decoders know no `precision`.
-    variants = {name: (translator_class(name)(model, *tokenizers(params), src_vocab, tgt_vocab, device), {})
-                for name in decoders}
+    # name -> (translator, its decoding options); the oldest decoders know no `precision`.
+    variants = {}
+    for name in decoders:
+        translator = translator_class(name)(model, *tokenizers(params), src_vocab, tgt_vocab, device)
+        knows_precision = "precision" in inspect.signature(translator.translate_tokens).parameters
+        variants[name] = (translator, {"precision": "bfloat16"} if knows_precision else {})
     variants[CURRENT][1]["precision"] = "float32"
     current = variants[CURRENT][0]
     variants["bf16"] = (current, {"precision": "bfloat16"})
@@ -166,8 +174,10 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
                 subset = sources if size > 1 else spread_subset(sources, batch1_sentences)
                 rates, out_lengths = [], {}
                 for name, (translator, options) in variants.items():
-                    wall, cpu, out_lengths[name] = time_decoding(lambda s: translator.translate_tokens(
-                        s, beam_size=search_beam, batch_size=size, max_len_ratio=ratio, **options), subset, device)
+                    wall, cpu, out_lengths[name] = time_decoding(
+                        lambda s: translator.translate_tokens(s, beam_size=search_beam, batch_size=size,
+                                                              max_len_ratio=ratio, **options),
+                        subset, device, repeats)
                     rates.append(f"{wall:,.1f}, {cpu:,.1f}")
                 out_len = out_lengths[CURRENT]  # of pipeline/decode.py, fp32, without the shortlist
                 search = "greedy" if search_beam == 1 else f"beam {search_beam}"
@@ -193,13 +203,14 @@ def main(steps: int = 30, decode_only: bool = typer.Option(False, help="skip the
          decoder: list[str] = typer.Option([], help="another decode.py to time beside pipeline/decode.py"),
          lexicon: Path = typer.Option(None, help="a saved Lexicon.to_dict(): also time the shortlist"),
          eos_bias: float = typer.Option(0.0, help="add to the <eos> logit (a random model that stops)"),
+         repeats: int = typer.Option(3, help="time each decoding this many times and report the fastest"),
          set: list[str] = typer.Option([], "--set")) -> None:
     params = params_with(set)
     if not decode_only:
         benchmark_training(params, steps)
     if not train_only:
         benchmark_decoding(params, data, split, max_len_ratio or [params.evaluate.max_len_ratio], batch1_sentences,
-                           [*decoder, CURRENT], lexicon, eos_bias)
+                           [*decoder, CURRENT], lexicon, eos_bias, repeats)
 
 
 if __name__ == "__main__":

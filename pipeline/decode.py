@@ -69,6 +69,8 @@ class OutputLayer:
             only_eos = torch.full_like(log_probs[0], float("-inf"))
             only_eos[self.eos] = 0.0
             log_probs = torch.where(at_limit.unsqueeze(1), log_probs + only_eos, log_probs)
+        if count == 1:  # greedy: one pass, where topk sorts
+            return log_probs.max(dim=-1, keepdim=True)
         return log_probs.topk(min(count, log_probs.size(1)), dim=-1)
 
     def token_ids(self, positions: torch.Tensor) -> torch.Tensor:
@@ -87,6 +89,15 @@ def projection(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | 
         cached = (key, weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
         model._decoding_projection = cached
     return cached[1], cached[2]
+
+
+def network_precision(device: torch.device, precision: str):
+    """bf16 autocast for "bfloat16", as `train.amp` trains: every matrix product in bf16, 2x fp32's
+    decoding speed on a CPU with AVX512-BF16 (the LSTMs cost as much as the output projection).
+    The LSTMs then step with lstm_cell, whose states stay fp32, so that a sentence's translation
+    does not depend on its batch; attention weights and scores stay fp32 too. Autocast casts each
+    weight once per context, so one context spans a whole call."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 class SearchHistory:
@@ -270,9 +281,8 @@ class Translator:
         """Token lists in, (output tokens, attention) out, in the input order. Unknown output
         words are copied from `originals` (the cased source tokens) where given, or translated by
         the lexicon with `unk_dictionary`; `shortlist` scores only the lexicon's likely words;
-        `precision` "bfloat16" runs the output projection in bf16 (the recurrent states stay fp32,
-        so that a sentence's translation does not depend on its batch); `unk_penalty` is taken off the
-        score of every output <unk>."""
+        `precision` "bfloat16" runs the network's matrix products in bf16 (network_precision);
+        `unk_penalty` is taken off the score of every output <unk>."""
         if (unk_dictionary or shortlist) and self.lexicon is None:
             raise ValueError("unk_dictionary and shortlist need a Translator with a lexicon")
         originals = originals or sources
@@ -280,18 +290,19 @@ class Translator:
 
         results: list = [None] * len(sources)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # similar lengths per batch
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            ids = [self.src_vocab.encode(sources[i]) or [PAD_ID] for i in rows]
-            src = pad(ids).to(self.device)
-            src_len = torch.tensor([max(len(sources[i]), 1) for i in rows], device=self.device)
-            words_to_score = self.lexicon.shortlist([sources[i] for i in rows], self.tgt_vocab) if shortlist else None
-            hypotheses = beam_search(self.model, src, src_len, beam_size, alpha, max_len_ratio, words_to_score,
-                                     dtype=getattr(torch, precision), unk_penalty=unk_penalty)
-            for i, hyp in zip(rows, hypotheses):
-                translations = [self.lexicon.best(w) for w in sources[i]] if unk_dictionary else None
-                words = replace_unknowns(self.tgt_vocab.decode(hyp.tokens), hyp.attention, originals[i], translations)
-                results[i] = (words, hyp.attention)
+        with network_precision(self.device, precision):  # the weights are cast once per call
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                ids = [self.src_vocab.encode(sources[i]) or [PAD_ID] for i in rows]
+                src = pad(ids).to(self.device)
+                src_len = torch.tensor([max(len(sources[i]), 1) for i in rows], device=self.device)
+                words_to_score = self.lexicon.shortlist([sources[i] for i in rows], self.tgt_vocab) if shortlist else None
+                hypotheses = beam_search(self.model, src, src_len, beam_size, alpha, max_len_ratio, words_to_score,
+                                         dtype=getattr(torch, precision), unk_penalty=unk_penalty)
+                for i, hyp in zip(rows, hypotheses):
+                    translations = [self.lexicon.best(w) for w in sources[i]] if unk_dictionary else None
+                    words = replace_unknowns(self.tgt_vocab.decode(hyp.tokens), hyp.attention, originals[i], translations)
+                    results[i] = (words, hyp.attention)
         return results
 
     def translate(self, texts: list[str], **search) -> list[str]:

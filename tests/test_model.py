@@ -197,3 +197,35 @@ def test_decoding_step_by_lstm_cell_matches_nn_lstm(monkeypatch, layers, input_f
     for a, b in zip([by_cell[0], *by_cell[1], by_cell[2]], [by_lstm[0], *by_lstm[1], by_lstm[2]]):
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_encoder_by_steps_matches_the_packed_lstm(layers, bidirectional):
+    """The step-wise encoder (decoding under bf16 autocast) computes what nn.LSTM computes over
+    packed sequences: the same states at real positions, zeros at padding, the same final states."""
+    model = make_model(encoder_layers=layers, bidirectional=bidirectional)
+    src = pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
+    src_len = torch.tensor([5, 2, 3])
+    with torch.no_grad():
+        packed, (h, c) = model.encoder(src, src_len)
+        by_steps, (h_steps, c_steps) = model.encoder.forward_by_steps(model.encoder.embedding(src), src_len)
+    assert by_steps.shape == packed.shape
+    assert torch.all(by_steps[1, 2:] == 0)
+    for a, b in ((by_steps, packed), (h_steps, h), (c_steps, c)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_decoding_keeps_fp32_states_close_to_fp32():
+    model = make_model(bidirectional=True, encoder_layers=2, decoder_layers=2)
+    src, src_len = source_batch()
+    with torch.no_grad():
+        memory, state = model.encode(src, src_len)
+        step = model.decoder.step(torch.tensor([4, 5]), state, memory)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            memory16, state16 = model.encode(src, src_len)
+            step16 = model.decoder.step(torch.tensor([4, 5]), state16, memory16)
+    assert memory16.values.dtype == state16.c.dtype == step16[1].c.dtype == torch.float32
+    assert memory16.keys.dtype == torch.bfloat16  # the products run in bf16
+    for a, b in ((memory16.values, memory.values), (step16[0], step[0]), (step16[1].c, step[1].c)):
+        assert torch.allclose(a.float(), b, atol=0.05)
+        assert not torch.equal(a.float(), b)
