@@ -306,7 +306,6 @@ class Translator:
         return results
 
     def translate(self, texts: list[str], **search) -> list[str]:
-        pairs = [self.src_tok.from_cased(self.src_tok.words(t)) for t in texts]  # (tokens, cased tokens)
-        sources, originals = [tokens for tokens, _ in pairs], [cased for _, cased in pairs]
+        sources, originals = self.src_tok.from_cased_all(self.src_tok.words(t) for t in texts)
         outputs = self.translate_tokens(sources, originals=originals, **search)
         return [self.tgt_tok.detokenize(words) for words, _ in outputs]

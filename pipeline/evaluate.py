@@ -60,8 +60,7 @@ def source_tokens(translator: Translator, frame: pd.DataFrame) -> tuple[list[lis
     """(the model's tokens, their cased twins) for each source text, by the model's own tokeniser:
     a champion with other subword pieces than today's prepared data is scored on its own pieces
     (in word mode these are the prepared `src_tokens`)."""
-    pairs = [translator.src_tok.from_cased(translator.src_tok.words(text)) for text in frame["src"]]
-    return [tokens for tokens, _ in pairs], [cased for _, cased in pairs]
+    return translator.src_tok.from_cased_all(translator.src_tok.words(text) for text in frame["src"])
 
 
 def translate_split(translator: Translator, frame: pd.DataFrame, cfg: EvaluateParams,

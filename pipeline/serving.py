@@ -224,8 +224,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         if not originals:
             return []
         tr = self.translator
-        pairs = [tr.src_tok.from_cased(words) for words in originals]  # the model's tokens, and cased alike
-        sources, originals = [tokens for tokens, _ in pairs], [cased for _, cased in pairs]
+        sources, originals = tr.src_tok.from_cased_all(originals)  # the model's tokens, and cased alike
         outputs = tr.translate_tokens(sources, beam_size=beam, originals=originals, **self.search)
         return [(tr.tgt_tok.detokenize(words), words, attention) for words, attention in outputs]
 

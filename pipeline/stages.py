@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import storage
-from pipeline.config import Params
+from pipeline.config import PARAMS_FILE, Params, ParamsError
 from pipeline.data import SPLITS, split_path
 from pipeline.text import SUBWORD_FILE, Vocab, train_subwords, word_tokenizers
 
@@ -53,6 +53,15 @@ def split_of(pair_id: str, valid: float, test: float) -> str:
     return "test" if u < test else "valid" if u < test + valid else "train"
 
 
+def check_subword_vocab(sentences, vocab_size: int, side: str) -> None:
+    """Sentencepiece needs a piece for every character, one for the word boundary and <unk>:
+    say so in terms of params.yaml, before sentencepiece says it in its own."""
+    needed = len(set("".join(sentences)) - {" "}) + 2
+    if vocab_size < needed:
+        raise ParamsError(f"{PARAMS_FILE}: prepare.subwords.vocab_size is {vocab_size}, but the {side} training "
+                          f"split has {needed - 2} distinct characters: it needs at least {needed} pieces")
+
+
 def prepare(params: Params) -> dict:
     cfg = params.prepare
     pairs = pd.read_parquet(storage.RAW_PAIRS)
@@ -73,6 +82,7 @@ def prepare(params: Params) -> dict:
             continue
         # Trained on the training split's (case-handled) Moses words; then every split's words
         # become pieces, which embed, train and evaluate take as they take words.
+        check_subword_vocab(frames["train"][f"{side}_tokens"], cfg.subwords.vocab_size, side)
         model = train_subwords(frames["train"][f"{side}_tokens"], cfg.subwords.model, cfg.subwords.vocab_size)
         with storage.atomic_path(model_file) as tmp:
             tmp.write_bytes(model)

@@ -58,6 +58,11 @@ class Tokenizer:
         tokenising because Moses uses case to tell a sentence end from an abbreviation.)"""
         return self._moses.tokenize(text.translate(_QUOTES), escape=False, aggressive_dash_splits=True)
 
+    def from_cased_all(self, sentences: Iterable[Sequence[str]]) -> tuple[list[list[str]], list[list[str]]]:
+        """from_cased for many sentences of cased Moses words: (their tokens, their cased tokens)."""
+        pairs = [self.from_cased(words) for words in sentences]
+        return [tokens for tokens, _ in pairs], [cased for _, cased in pairs]
+
     def from_cased(self, words: Sequence[str]) -> tuple[list[str], list[str]]:
         """(the model's tokens, the same tokens with their case kept) for cased Moses words: without
         subwords, the words (lowercased if `lowercase`) and the words; with subwords, the pieces of

@@ -261,7 +261,7 @@ NOT_IN_FINGERPRINT = {"epochs", "max_steps", "patience", "smoothing", "max_minut
 CODE = ["train.py", "distributed.py", "data.py", "text.py", "embeddings.py", "decode.py", "lexicon.py", "model/*.py"]
 
 
-def fingerprint(params: Params, inputs: list[Path], precision: str = "fp32") -> str:
+def fingerprint(params: Params, inputs: list[Path], precision: str) -> str:
     """Which training a checkpoint belongs to: the train params that change what it computes, the
     precision it computes in here, the seed, the input files and the training code (so a bf16
     checkpoint never resumes in fp32 on a machine without bf16, or the reverse)."""

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from pipeline import storage
-from pipeline.config import load_params
+from pipeline.config import ParamsError, load_params
 from pipeline.decode import Translator, replace_unknowns
 from pipeline.model import load_model, save_model
-from pipeline.stages import prepare
+from pipeline.stages import check_subword_vocab, prepare
 from pipeline.text import UNK, Tokenizer, Vocab, tokenizers, train_subwords
 from tests.conftest import small_params, tiny_pairs
 from tests.test_model import make_model
@@ -200,3 +200,17 @@ def test_served_limits_count_the_models_pieces(tmp_path):
     with pytest.raises(RequestError, match="has [0-9]+ tokens; the limit is 40 .serve.max_sentence_tokens."):
         served.translate([word])
     assert len(served.translate(["the king went out."])) == 1  # a short sentence still goes through
+
+
+def test_a_subword_vocabulary_below_the_characters_is_a_params_error():
+    """prepare says which key is too small before sentencepiece fails with its own message; the bound
+    is sentencepiece's: one fewer piece fails there, that many trains."""
+    sentences = [" ".join(chr(c) * 3 for c in range(start, start + 30)) for start in range(0x100, 0x1A0, 30)]
+    needed = len(set("".join(sentences)) - {" "}) + 2  # 180 characters, the word boundary and <unk>
+    with pytest.raises(ParamsError, match=rf"prepare.subwords.vocab_size is {needed - 1}, but the tgt training "
+                                          rf"split has {needed - 2} distinct characters: it needs at least {needed}"):
+        check_subword_vocab(sentences, needed - 1, "tgt")
+    with pytest.raises(RuntimeError, match="Vocabulary size is smaller than required_chars"):
+        train_subwords(sentences, "bpe", needed - 1)
+    check_subword_vocab(sentences, needed, "tgt")
+    assert len(train_subwords(sentences, "bpe", needed)) > 1000

@@ -215,24 +215,27 @@ def test_early_stopping_rides_out_single_dips_and_stops_on_a_plateau():
 
 def test_fingerprint_covers_computation_not_speed(tmp_path):
     params = Params()
-    base = fingerprint(params, [])
+    base = fingerprint(params, [], "fp32")
     for speed_or_stop in ({"threads": 3}, {"checkpoint_every": 7}, {"epochs": 30}, {"max_minutes": 5.0},
                           {"patience": 9}, {"max_steps": 100}):
-        assert fingerprint(params.model_copy(update={"train": params.train.model_copy(update=speed_or_stop)}), []) == base
+        changed = params.model_copy(update={"train": params.train.model_copy(update=speed_or_stop)})
+        assert fingerprint(changed, [], "fp32") == base
     for computation in ({"device": "cuda"}, {"input_feeding": not params.train.input_feeding}, {"sampled_softmax": 10}):
-        assert fingerprint(params.model_copy(update={"train": params.train.model_copy(update=computation)}), []) != base
+        changed = params.model_copy(update={"train": params.train.model_copy(update=computation)})
+        assert fingerprint(changed, [], "fp32") != base
     assert fingerprint(params, [], "bf16 mixed") != base  # the same params on a machine with bf16
     cosine = params.model_copy(update={"train": params.train.model_copy(update={"lr_schedule": "cosine"})})
     longer = params.model_copy(update={"train": cosine.train.model_copy(update={"epochs": 30})})
-    assert fingerprint(cosine, []) != fingerprint(longer, [])  # the decay is stretched to the planned length
+    # the decay is stretched to the planned length
+    assert fingerprint(cosine, [], "fp32") != fingerprint(longer, [], "fp32")
     code = Path(__file__).resolve().parent.parent / "pipeline"
     covered = {p.relative_to(code).as_posix() for pattern in CODE for p in code.glob(pattern)}
     assert {"train.py", "embeddings.py", "text.py", "data.py", "decode.py", "model/decoder.py"} <= covered
     data_file = tmp_path / "train.parquet"
     data_file.write_bytes(b"a")
-    before = fingerprint(params, [data_file])
+    before = fingerprint(params, [data_file], "fp32")
     data_file.write_bytes(b"b")
-    assert fingerprint(params, [data_file]) != before
+    assert fingerprint(params, [data_file], "fp32") != before
 
 
 def test_keep_freed_memory_takes_on_glibc():
