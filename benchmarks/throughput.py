@@ -120,8 +120,8 @@ def spread_subset(items: list, count: int) -> list:
 
 def time_decoding(translate, sources, device, repeats: int) -> tuple[float, float, float]:
     """(sentences per second of wall time, per second of this process's CPU time, mean output
-    length in tokens) of `translate(sources)`, the fastest of `repeats` runs (as timeit: slower
-    runs measure what else the machine was doing). On a machine others share, CPU time (with one
+    length in tokens) of `translate(sources)`, the fastest of `repeats` runs for each clock (as
+    timeit: slower runs measure what else the machine was doing). On a machine others share, CPU time (with one
     thread, --set train.threads=1) still measures the work; wall time measures the wait too."""
     wall = cpu = float("inf")
     for _ in range(repeats):
@@ -203,7 +203,7 @@ def main(steps: int = 30, decode_only: bool = typer.Option(False, help="skip the
          decoder: list[str] = typer.Option([], help="another decode.py to time beside pipeline/decode.py"),
          lexicon: Path = typer.Option(None, help="a saved Lexicon.to_dict(): also time the shortlist"),
          eos_bias: float = typer.Option(0.0, help="add to the <eos> logit (a random model that stops)"),
-         repeats: int = typer.Option(3, help="time each decoding this many times and report the fastest"),
+         repeats: int = typer.Option(3, min=1, help="time each decoding this many times and report the fastest"),
          set: list[str] = typer.Option([], "--set")) -> None:
     params = params_with(set)
     if not decode_only:

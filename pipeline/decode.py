@@ -1,13 +1,18 @@
 """Batched greedy and beam search, and translation of raw text with a trained model."""
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.model.precision import has_bf16
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK, UNK_ID, Tokenizer, Vocab
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,13 +96,19 @@ def projection(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | 
     return cached[1], cached[2]
 
 
-def network_precision(device: torch.device, precision: str):
-    """bf16 autocast for "bfloat16", as `train.amp` trains: every matrix product in bf16, 2x fp32's
-    decoding speed on a CPU with AVX512-BF16 (the LSTMs cost as much as the output projection).
-    The LSTMs then step with lstm_cell, whose states stay fp32, so that a sentence's translation
-    does not depend on its batch; attention weights and scores stay fp32 too. Autocast casts each
-    weight once per context, so one context spans a whole call."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+@functools.lru_cache(maxsize=None)  # one warning per device, not per request
+def decoding_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """bf16 for "bfloat16" where the hardware has it: under autocast, as `train.amp` trains, every
+    matrix product runs in bf16 (2x fp32's decoding speed on a CPU with AVX512-BF16; the LSTMs cost
+    as much as the output projection) while attention weights, scores and, on a CPU, the LSTM
+    states stay fp32 (pipeline.model.precision). Without native bf16, emulated bf16 would be slower
+    than fp32, so fp32 it is, as for training."""
+    if precision != "bfloat16":
+        return torch.float32
+    if not has_bf16(device):
+        log.warning("precision bfloat16: %s has no native bf16, decoding in float32", device)
+        return torch.float32
+    return torch.bfloat16
 
 
 class SearchHistory:
@@ -281,7 +292,7 @@ class Translator:
         """Token lists in, (output tokens, attention) out, in the input order. Unknown output
         words are copied from `originals` (the cased source tokens) where given, or translated by
         the lexicon with `unk_dictionary`; `shortlist` scores only the lexicon's likely words;
-        `precision` "bfloat16" runs the network's matrix products in bf16 (network_precision);
+        `precision` "bfloat16" runs the network's matrix products in bf16 (decoding_dtype);
         `unk_penalty` is taken off the score of every output <unk>."""
         if (unk_dictionary or shortlist) and self.lexicon is None:
             raise ValueError("unk_dictionary and shortlist need a Translator with a lexicon")
@@ -290,7 +301,9 @@ class Translator:
 
         results: list = [None] * len(sources)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # similar lengths per batch
-        with network_precision(self.device, precision):  # the weights are cast once per call
+        dtype = decoding_dtype(self.device, precision)
+        # One autocast context for the whole call: it casts each weight once.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 ids = [self.src_vocab.encode(sources[i]) or [PAD_ID] for i in rows]
@@ -298,7 +311,7 @@ class Translator:
                 src_len = torch.tensor([max(len(sources[i]), 1) for i in rows], device=self.device)
                 words_to_score = self.lexicon.shortlist([sources[i] for i in rows], self.tgt_vocab) if shortlist else None
                 hypotheses = beam_search(self.model, src, src_len, beam_size, alpha, max_len_ratio, words_to_score,
-                                         dtype=getattr(torch, precision), unk_penalty=unk_penalty)
+                                         dtype=dtype, unk_penalty=unk_penalty)
                 for i, hyp in zip(rows, hypotheses):
                     translations = [self.lexicon.best(w) for w in sources[i]] if unk_dictionary else None
                     words = replace_unknowns(self.tgt_vocab.decode(hyp.tokens), hyp.attention, originals[i], translations)

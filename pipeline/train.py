@@ -34,6 +34,7 @@ from pipeline.decode import Translator
 from pipeline.embeddings import embedding_matrix
 from pipeline.lexicon import build_lexicon
 from pipeline.model import ModelConfig, Seq2Seq, save_model
+from pipeline.model.precision import has_bf16
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, Tokenizer, tokenizers
 from pipeline.tracking import dvc_hashes, experiment_name, flatten, git_commit, mlflow_setup
 
@@ -132,13 +133,6 @@ def autocast(cfg: TrainParams, device: torch.device):
 def training_precision(cfg: TrainParams, device: torch.device) -> str:
     """What training computes in on this machine: `amp` alone does not say (no bf16, no autocast)."""
     return "bf16 mixed" if cfg.amp and has_bf16(device) else "fp32"
-
-
-def has_bf16(device: torch.device) -> bool:
-    """Native bf16 matrix instructions (oneDNN would emulate bf16 on any AVX512 CPU, slowly)."""
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return device.type == "cuda"
 
 
 def train_step(model: Seq2Seq, optimizer, batch, cfg: TrainParams, net=None,

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from pipeline.data import pad
 from pipeline.model import ModelConfig, Seq2Seq, load_model, save_model
-from pipeline.text import SOS_ID, Tokenizer, Vocab
+from pipeline.text import PAD_ID, SOS_ID, Tokenizer, Vocab
 from pipeline.train import sampled_logits, sequence_loss
 
 
@@ -201,23 +201,25 @@ def test_decoding_step_by_lstm_cell_matches_nn_lstm(monkeypatch, layers, input_f
 
 @pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
 def test_encoder_by_steps_matches_the_packed_lstm(layers, bidirectional):
-    """The step-wise encoder (decoding under bf16 autocast) computes what nn.LSTM computes over
-    packed sequences: the same states at real positions, zeros at padding, the same final states."""
+    """The step-wise encoder (decoding under CPU bf16 autocast) computes what nn.LSTM computes over
+    packed sequences: the same states at real positions, zeros at padding, the same final states,
+    for any order of lengths, one-word sentences and an empty one (one <pad>, length 1)."""
     model = make_model(encoder_layers=layers, bidirectional=bidirectional)
-    src = pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
-    src_len = torch.tensor([5, 2, 3])
+    src = pad([[5, 6, 7, 8, 9], [10], [12, 13, 14], [PAD_ID], [15, 16]])
+    src_len = torch.tensor([5, 1, 3, 1, 2])
     with torch.no_grad():
         packed, (h, c) = model.encoder(src, src_len)
         by_steps, (h_steps, c_steps) = model.encoder.forward_by_steps(model.encoder.embedding(src), src_len)
     assert by_steps.shape == packed.shape
-    assert torch.all(by_steps[1, 2:] == 0)
+    assert torch.all(by_steps[1, 1:] == 0) and torch.all(by_steps[4, 2:] == 0)
     for a, b in ((by_steps, packed), (h_steps, h), (c_steps, c)):
         assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_bf16_decoding_keeps_fp32_states_close_to_fp32():
+    """Sentences of one length, where nn.LSTM under autocast would turn its states bf16."""
     model = make_model(bidirectional=True, encoder_layers=2, decoder_layers=2)
-    src, src_len = source_batch()
+    src, src_len = pad([[5, 6, 7], [10, 11, 12]]), torch.tensor([3, 3])
     with torch.no_grad():
         memory, state = model.encode(src, src_len)
         step = model.decoder.step(torch.tensor([4, 5]), state, memory)
@@ -229,3 +231,20 @@ def test_bf16_decoding_keeps_fp32_states_close_to_fp32():
     for a, b in ((memory16.values, memory.values), (step16[0], step[0]), (step16[1].c, step[1].c)):
         assert torch.allclose(a.float(), b, atol=0.05)
         assert not torch.equal(a.float(), b)
+
+
+def test_training_under_autocast_keeps_nn_lstm(monkeypatch):
+    """The step-wise paths are for decoding only: amp training keeps nn.LSTM and its dropout."""
+    from pipeline.model.decoder import Decoder
+    from pipeline.model.encoder import Encoder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a step-wise path in training")
+
+    monkeypatch.setattr(Encoder, "forward_by_steps", refuse)
+    monkeypatch.setattr(Decoder, "cell_step", refuse)
+    model = make_model(bidirectional=True, encoder_layers=2, decoder_layers=2, input_feeding=True).train()
+    src, src_len = source_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attentional, _ = model(src, src_len, torch.tensor([[SOS_ID, 4, 5], [SOS_ID, 6, 0]]))
+    assert attentional.shape[:2] == (2, 3)

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from pipeline.model.attention import Attention, Memory
+from pipeline.model.precision import steps_with_fp32_states
 from pipeline.text import PAD_ID
 
 
 # Decoding steps of at most this many rows run torch.lstm_cell; nn.LSTM (oneDNN) is faster above
-# in fp32. Under bf16 autocast every step runs lstm_cell, whose states stay fp32 (nn.LSTM's turn
+# in fp32. Under CPU bf16 autocast every step runs lstm_cell, whose states stay fp32 (nn.LSTM's turn
 # bf16), so that a sentence's translation does not depend on how many rows share its batch.
 CELL_ROWS = 32
 
@@ -61,7 +62,7 @@ class Decoder(nn.Module):
     def step_embedded(self, embedded: torch.Tensor, state: DecoderState, memory: Memory):
         """The same step from the previous tokens' (dropped-out) embeddings, B x E."""
         inputs = torch.cat([embedded, state.feed], dim=1)
-        if not self.training and (inputs.size(0) <= CELL_ROWS or torch.is_autocast_enabled(inputs.device.type)):
+        if not self.training and (inputs.size(0) <= CELL_ROWS or steps_with_fp32_states(inputs, self.training)):
             output, h, c = self.cell_step(inputs, state)
         else:
             output, (h, c) = self.rnn(inputs.unsqueeze(1), (state.h, state.c))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from pipeline.model.precision import steps_with_fp32_states
 from pipeline.text import PAD_ID
 
 
@@ -26,7 +27,7 @@ class Encoder(nn.Module):
     def forward(self, src: torch.Tensor, lengths: torch.Tensor):
         """src B x S (padded), lengths B -> states B x S x H, final (h, c) each layers x B x H."""
         embedded = self.dropout(self.embedding(src))
-        if not self.training and torch.is_autocast_enabled(src.device.type):
+        if steps_with_fp32_states(src, self.training):
             return self.forward_by_steps(embedded, lengths.to(src.device))
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         outputs, (h, c) = self.rnn(packed)
@@ -34,10 +35,9 @@ class Encoder(nn.Module):
         return outputs, (self._join_directions(h), self._join_directions(c))
 
     def forward_by_steps(self, embedded: torch.Tensor, lengths: torch.Tensor):
-        """The same recurrence step by step with torch.lstm_cell, for decoding under bf16 autocast:
-        there nn.LSTM computes all in bf16 (oneDNN) when a batch's sentences have one length and keeps
-        fp32 states otherwise, so a sentence's encoding would depend on its batch. Here the states
-        stay fp32 and only the matrix products run in bf16, whatever the batch."""
+        """The same recurrence step by step with torch.lstm_cell, for decoding under CPU bf16
+        autocast (steps_with_fp32_states): the states stay fp32, whatever the batch. Without the
+        dropout between layers, which only training applies."""
         positions = torch.arange(embedded.size(1), device=embedded.device)
         active = (positions.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)  # B x S x 1
         # Each sentence read backwards within its own length (padding stays at the end).

@@ -1,0 +1,20 @@
+"""Where bf16 pays, and how decoding keeps fp32 LSTM states under bf16 autocast."""
+from __future__ import annotations
+
+import torch
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Native bf16 matrix instructions (oneDNN would emulate bf16 on any AVX512 CPU, slowly)."""
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return device.type == "cuda"
+
+
+def steps_with_fp32_states(inputs: torch.Tensor, training: bool) -> bool:
+    """Whether the LSTMs run step by step with lstm_cell: when decoding under CPU bf16 autocast.
+    There nn.LSTM computes all in bf16 (oneDNN) when a batch's sentences have one length and keeps
+    fp32 states otherwise, so a sentence's encoding would depend on its batch; CPU autocast runs
+    only lstm_cell's products in bf16 and keeps its states fp32. (CUDA autocast casts lstm_cell's
+    states too, and cuDNN is bf16 throughout whatever the lengths: GPUs keep nn.LSTM.)"""
+    return not training and inputs.device.type == "cpu" and torch.is_autocast_enabled("cpu")
