@@ -6,7 +6,7 @@
 Decoding: a table of sentences/s for greedy and beam search, one sentence at a time and batched,
 over a split (the test split by default), with its mean source and output lengths. Side by side:
     git show <commit>:pipeline/decode.py > /tmp/old_decode.py
-    python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py --lexicon lexicon.pt
+    python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py --lexicon models/seq2seq/model.pt
 times an older decode.py (in bf16 where it has a `precision`), this one in fp32 and in bf16, and
 both with a lexical shortlist, back to back in each row; each figure is the fastest of --repeats runs. On a shared machine add `--set train.threads=1` and read the CPU-time figures.
 
@@ -187,9 +187,15 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
 
 
 def load_lexicon(path: Path):
+    """The lexicon in a model.pt, or a saved Lexicon.to_dict()."""
     from pipeline.lexicon import Lexicon
 
-    return Lexicon.from_dict(torch.load(path, weights_only=True))
+    data = torch.load(path, weights_only=True)
+    if "translations" not in data:
+        if data.get("lexicon") is None:
+            raise typer.BadParameter(f"{path} holds no lexicon (train with train.lexicon: true)")
+        data = data["lexicon"]
+    return Lexicon.from_dict(data)
 
 
 CURRENT = "pipeline/decode.py"
@@ -201,7 +207,7 @@ def main(steps: int = 30, decode_only: bool = typer.Option(False, help="skip the
          split: str = "test", max_len_ratio: list[float] = typer.Option([], help="default: evaluate.max_len_ratio"),
          batch1_sentences: int = typer.Option(100, help="sentences decoded one at a time"),
          decoder: list[str] = typer.Option([], help="another decode.py to time beside pipeline/decode.py"),
-         lexicon: Path = typer.Option(None, help="a saved Lexicon.to_dict(): also time the shortlist"),
+         lexicon: Path = typer.Option(None, help="a model.pt with a lexicon: also time the shortlist"),
          eos_bias: float = typer.Option(0.0, help="add to the <eos> logit (a random model that stops)"),
          repeats: int = typer.Option(3, min=1, help="time each decoding this many times and report the fastest"),
          set: list[str] = typer.Option([], "--set")) -> None:
