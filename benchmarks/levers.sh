@@ -15,36 +15,40 @@ if [ -d .whl ]; then  # a lent machine without the project's packages: wheels ca
 fi
 export PYTHONUNBUFFERED=1
 EXTRA="$*"
-declare -A TRAIN=([default]="{}" [cosine]="{'lr_schedule': 'cosine', 'warmup_steps': 200}"
-                  [batch5000]="{'batch_tokens': 5000}" [fullsoftmax]="{'sampled_softmax': 0}"
-                  [hidden384]="{'hidden_size': 384, 'epochs': 18}" [subword]="{}")
-declare -A PREPARE=([subword]="{'subwords': {'model': 'bpe', 'vocab_size': 8000}}")
+# Each setting's overrides (section.key=value, as benchmarks/common.py's params_with reads them),
+# applied after the budget every setting shares and before the command line's.
+COMMON="train.epochs=14 train.max_minutes=6 train.average_checkpoints=5 train.threads=2"
+declare -A SETTING=([default]="" [cosine]="train.lr_schedule=cosine train.warmup_steps=200"
+                    [batch5000]="train.batch_tokens=5000" [fullsoftmax]="train.sampled_softmax=0"
+                    [hidden384]="train.hidden_size=384 train.epochs=18"
+                    [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000")
 vamos() { (cd "$ROOT/$1" && PYTHONPATH=${PYTHONPATH:-}:$PWD python3 -m pipeline.cli "$2" > "$OUT/$2_$1.log" 2>&1); }
-for name in "${!TRAIN[@]}"; do
+for name in "${!SETTING[@]}"; do
   cp -r . "$ROOT/$name"; rm -f "$ROOT/$name"/reports/*.json "$ROOT/$name/reports/learning_curve.csv"
-  python3 - "$ROOT/$name/params.yaml" "${TRAIN[$name]}" "${PREPARE[$name]:-{\}}" $EXTRA <<'PY'
-import ast, sys, yaml
-path, train, prepare = sys.argv[1], ast.literal_eval(sys.argv[2]), ast.literal_eval(sys.argv[3])
-p = yaml.safe_load(open(path))
-p["train"].update(epochs=14, max_minutes=6, average_checkpoints=5, threads=2)
-p["train"].update(train)
-for kv in sys.argv[4:]:  # section.key=value, for every setting
-    key, value = kv.split("=", 1)
-    section, leaf = key.split(".")
-    p[section][leaf] = yaml.safe_load(value)
-p["prepare"].update(prepare)
-yaml.safe_dump(p, open(path, "w"), sort_keys=False)
+  # shellcheck disable=SC2086 # the overrides are words
+  (cd "$ROOT/$name" && python3 - $COMMON ${SETTING[$name]} $EXTRA <<'PY'
+import sys
+
+import yaml
+
+sys.path.insert(0, "benchmarks")
+from common import params_with  # validated, so a bad override stops here, before any training
+
+from pipeline.config import PARAMS_FILE
+
+PARAMS_FILE.write_text(yaml.safe_dump(params_with(sys.argv[1:]).model_dump(mode="json", by_alias=True), sort_keys=False))
 PY
+  ) || exit 2
 done
-for name in "${!TRAIN[@]}"; do (vamos $name prepare && vamos $name embed && vamos $name train && vamos $name evaluate
+for name in "${!SETTING[@]}"; do (vamos $name prepare && vamos $name embed && vamos $name train && vamos $name evaluate
   echo "$name: rc $?") & done; wait
-for name in "${!TRAIN[@]}"; do
+for name in "${!SETTING[@]}"; do
   (cd "$ROOT/$name" && PYTHONPATH=${PYTHONPATH:-}:$PWD python3 benchmarks/score.py .vamos/checkpoints/*/best.pt \
      > "$OUT/score_best_$name.md" 2>&1) &
 done; wait
 echo "| setting | train tokens/s | epochs | best valid BLEU | test BLEU (chrF), best epoch | test BLEU (chrF), last 5 averaged |"
 echo "|---|---|---|---|---|---|"
-for name in "${!TRAIN[@]}"; do
+for name in "${!SETTING[@]}"; do
   d=$ROOT/$name; cp "$d/reports/learning_curve.csv" "$OUT/curve_$name.csv" 2>/dev/null
   python3 - "$d" "$name" "$OUT/score_best_$name.md" <<'PY'
 import json, sys

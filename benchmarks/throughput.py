@@ -8,7 +8,8 @@ over a split (the test split by default), with its mean source and output length
     git show <commit>:pipeline/decode.py > /tmp/old_decode.py
     python benchmarks/throughput.py --decode-only --decoder /tmp/old_decode.py --lexicon models/seq2seq/model.pt
 times an older decode.py (in bf16 where it has a `precision`), this one in fp32 and in bf16, and
-both with a lexical shortlist, back to back in each row; each figure is the fastest of --repeats runs. On a shared machine add `--set train.threads=1` and read the CPU-time figures.
+both with a lexical shortlist, back to back in each row; each figure is the fastest of --repeats
+runs. On a shared machine add `--set train.threads=1` and read the CPU-time figures.
 
 Training needs a checkout where `dvc repro` has made data/prepared and models/embeddings. Decoding
 falls back to a random model of the configured size (which never stops early: bound it with
@@ -121,8 +122,8 @@ def spread_subset(items: list, count: int) -> list:
 def time_decoding(translate, sources, device, repeats: int) -> tuple[float, float, float]:
     """(sentences per second of wall time, per second of this process's CPU time, mean output
     length in tokens) of `translate(sources)`, the fastest of `repeats` runs for each clock (as
-    timeit: slower runs measure what else the machine was doing). On a machine others share, CPU time (with one
-    thread, --set train.threads=1) still measures the work; wall time measures the wait too."""
+    timeit: slower runs measure what else the machine was doing). On a machine others share, CPU
+    time (with one thread, --set train.threads=1) still measures the work; wall time the wait too."""
     wall = cpu = float("inf")
     for _ in range(repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
