@@ -36,7 +36,8 @@ from common import params_with  # validated, so a bad override stops here, befor
 
 from pipeline.config import PARAMS_FILE
 
-PARAMS_FILE.write_text(yaml.safe_dump(params_with(sys.argv[1:]).model_dump(mode="json", by_alias=True), sort_keys=False))
+params = params_with(sys.argv[1:]).model_dump(mode="json", by_alias=True)
+PARAMS_FILE.write_text(yaml.safe_dump(params, sort_keys=False))
 PY
   ) || exit 2
 done
