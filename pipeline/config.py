@@ -162,8 +162,8 @@ class EvaluateParams(Strict):
     samples: int = Field(20, ge=0)
     unk_dictionary: bool = False  # an output <unk> becomes the lexicon's translation of its source word
     shortlist: bool = False  # score only the lexicon's likely target words (faster decoding)
-    # Decoding in bf16 autocast, as train.amp trains: the matrix products in bf16 (2x faster on CPUs
-    # with AVX512-BF16 and on GPUs), recurrent states, attention weights and scores fp32.
+    # Decoding in bf16 autocast, as train.amp trains: the matrix products in bf16 (2x fp32's speed on
+    # a CPU with AVX512-BF16), attention weights and scores fp32, and on a CPU the LSTM states too.
     precision: Literal["float32", "bfloat16"] = "bfloat16"
     unk_penalty: float = Field(2.0, ge=0)  # taken off a hypothesis's score for each <unk> it emits
 

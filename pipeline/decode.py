@@ -40,8 +40,9 @@ def length_penalty(length: int, alpha: float) -> float:
 class OutputLayer:
     """Next-token log-probabilities over the words that can be emitted: the vocabulary less <pad>
     and <sos>, or a shortlist of target ids (the output projection is most of a decoding step).
-    With `dtype` bfloat16 the projection multiplies bf16 copies (4x the fp32 speed on a CPU with
-    AVX512-BF16, as on a GPU); the scores stay fp32."""
+    With `dtype` bfloat16 the projection multiplies a bf16 copy of its weights, cached on the model
+    by `projection`: autocast would recast the vocabulary x D matrix at every call (for a one-sentence
+    request, as much work as the product). The scores stay fp32."""
 
     def __init__(self, model, shortlist: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                  unk_penalty: float = 0.0):

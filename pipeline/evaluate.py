@@ -12,6 +12,7 @@ import sacrebleu
 from pipeline import storage
 from pipeline.config import EvaluateParams
 from pipeline.decode import Translator
+from pipeline.text import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     }
 
 
-def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str]) -> pd.DataFrame:
-    lengths = frame["src_tokens"].str.split().str.len()
+def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str], tokenizer: Tokenizer) -> pd.DataFrame:
+    """Test BLEU by source length in Moses words (not subword pieces, which vary with the model)."""
+    lengths = pd.Series([len(tokenizer.words(text)) for text in frame["src"]], index=frame.index)
     bins = pd.cut(lengths, LENGTH_BINS, right=False,
                   labels=[f"{a}-{b - 1}" if b < 1000 else f"{a}+" for a, b in zip(LENGTH_BINS, LENGTH_BINS[1:])])
     rows = []
@@ -93,7 +95,7 @@ def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, re
     metrics = {**score(beam_text, references), "greedy": score(greedy_text, references),
                "beam_size": cfg.beam_size, "sentences": len(references)}
 
-    by_length = bleu_by_length(test.reset_index(drop=True), beam_text)
+    by_length = bleu_by_length(test.reset_index(drop=True), beam_text, translator.src_tok)
     with storage.atomic_path(reports / "bleu_by_length.csv") as tmp:
         by_length.to_csv(tmp, index=False)
 

@@ -67,6 +67,8 @@ class Tokenizer:
         """(the model's tokens, the same tokens with their case kept) for cased Moses words: without
         subwords, the words (lowercased if `lowercase`) and the words; with subwords, the pieces of
         the (lowercased) words and the cased text each piece covers."""
+        if self.subwords is not None:  # sentencepiece reads a literal "▁" as a space: keep words whole
+            words = [w.replace(SPACE, "_") for w in words]
         lowered = [w.lower() for w in words] if self.lowercase else list(words)
         if self.subwords is None:
             return lowered, list(words)

@@ -7,8 +7,9 @@ from hypothesis import given, strategies as st
 
 from pipeline.data import SPLITS
 from pipeline.embeddings import load_vectors
+from pipeline.evaluate import bleu_by_length
 from pipeline.stages import split_of
-from pipeline.text import Vocab
+from pipeline.text import Tokenizer, Vocab
 
 
 def read_json(path):
@@ -84,6 +85,15 @@ def test_evaluate_scores_the_test_split(trained_project):
     assert len(list((trained_project / "reports/attention").glob("*.png"))) == 2
     assert "| id |" in (trained_project / "reports/samples.md").read_text()
     assert not pd.read_csv(trained_project / "reports/bleu_by_length.csv").empty
+
+
+def test_bleu_by_length_counts_moses_words_not_the_models_tokens():
+    frame = pd.DataFrame({"src": ["Go.", "a b c d e f g h i j k l", "Let's go, now!"],
+                          "src_tokens": ["g@@ o .", "a", "let 's go , now !"],  # pieces would differ
+                          "tgt": ["Ve a la casa.", "a b c d e f g h i j k l", "¡Vamos ya, ahora mismo!"]})
+    table = bleu_by_length(frame, frame["tgt"].tolist(), Tokenizer("en", True))
+    assert table.to_dict("list") == {"source_length": ["0-9", "10-19"], "sentences": [2, 1],
+                                     "bleu": [100.0, 100.0]}
 
 
 def test_register_makes_a_champion(trained_project):

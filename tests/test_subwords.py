@@ -61,6 +61,15 @@ def test_pieces_detokenise_to_the_moses_text(lang, lowercase):
         assert sub.detokenize(pieces + ["<eos>", "<pad>"]) == word.detokenize(word.tokenize(text))
 
 
+def test_a_literal_word_start_mark_in_input_keeps_its_word_whole():
+    """Sentencepiece reads "▁" as a space: a word holding one would come back as two words."""
+    sub = subword_tokenizer("en", True)
+    pieces, cased = sub.from_cased(sub.words("The a\u2581b dog."))
+    assert "".join(pieces).replace("\u2581", " ").split() == ["the", "a_b", "dog", "."]
+    assert "".join(cased).replace("\u2581", " ").split() == ["The", "a_b", "dog", "."]
+    assert sub.detokenize(pieces) == "the a_b dog."
+
+
 def test_cased_pieces_align_with_the_lowercase_ones():
     sub = subword_tokenizer("en", True)
     words = sub.words("The Old KING's son met São Paulo's İstanbul-born Man.")

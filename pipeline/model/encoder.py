@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from pipeline.model.precision import steps_with_fp32_states
+from pipeline.model.precision import cell_weights, steps_with_fp32_states
 from pipeline.text import PAD_ID
 
 
@@ -46,10 +46,8 @@ class Encoder(nn.Module):
         for layer in range(self.layers):
             outputs = []
             for direction in range(self.directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                weights = [getattr(self.rnn, name + suffix) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
                 read = inputs if direction == 0 else inputs.gather(1, backwards.expand_as(inputs))
-                states, final = run_cell(read, active, weights)
+                states, final = run_cell(read, active, cell_weights(self.rnn, layer, reverse=direction == 1))
                 outputs.append(states if direction == 0 else states.gather(1, backwards.expand_as(states)))
                 finals.append(final)
             inputs = torch.cat(outputs, dim=2) * active  # zeros at padding, as pad_packed_sequence gives
