@@ -67,8 +67,6 @@ class Tokenizer:
         """(the model's tokens, the same tokens with their case kept) for cased Moses words: without
         subwords, the words (lowercased if `lowercase`) and the words; with subwords, the pieces of
         the (lowercased) words and the cased text each piece covers."""
-        if self.subwords is not None:  # sentencepiece reads a literal "▁" as a space: keep words whole
-            words = [w.replace(SPACE, "_") for w in words]
         lowered = [w.lower() for w in words] if self.lowercase else list(words)
         if self.subwords is None:
             return lowered, list(words)
@@ -78,7 +76,7 @@ class Tokenizer:
         # A piece is a substring of "▁" + "▁".join(lowered) (identity normalisation, no byte
         # fallback), so the cased text at the same offsets is its cased form. A word whose
         # lowercase has another length (rare: "İ") keeps its lowercase form there.
-        cased = SPACE + SPACE.join(w if len(w) == len(l) else l for w, l in zip(words, lowered))
+        cased = SPACE + SPACE.join(unmarked(w if len(w) == len(l) else l) for w, l in zip(words, lowered))
         if sum(map(len, pieces)) != len(cased):  # not expected; the lowercase pieces are still right
             return pieces, pieces
         originals, at = [], 0
@@ -89,13 +87,20 @@ class Tokenizer:
 
     def pieces(self, words: Sequence[str]) -> list[str]:
         """Sentencepiece's pieces for Moses words (already case-handled); never across words."""
-        return self._pieces.encode(" ".join(words), out_type=str) if words else []
+        return self._pieces.encode(" ".join(map(unmarked, words)), out_type=str) if words else []
 
     def detokenize(self, tokens: Sequence[str]) -> str:
         tokens = [t for t in tokens if t not in SPECIALS or t == UNK]
         if self.subwords is not None:
             tokens = join_pieces(tokens)
         return self._demoses.detokenize(tokens).replace(" @-@ ", "-")
+
+
+def unmarked(word: str) -> str:
+    """The word (or line) with sentencepiece's word-start mark "▁" as "_": sentencepiece reads a
+    literal one as a space, which would drop it (and split a word). Training sentencepiece, prepare
+    and the tokenisers all go through here, so they agree."""
+    return word.replace(SPACE, "_")
 
 
 def join_pieces(pieces: Sequence[str]) -> list[str]:
@@ -122,7 +127,7 @@ def train_subwords(sentences: Iterable[str], model_type: str, vocab_size: int) -
     spm.set_random_generator_seed(1234)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(sentences)), model_writer=model, model_type=model_type,
+        sentence_iterator=iter([unmarked(line) for line in sentences]), model_writer=model, model_type=model_type,
         vocab_size=vocab_size, hard_vocab_limit=False,  # a small corpus gets fewer pieces, not an error
         character_coverage=1.0, byte_fallback=False, normalization_rule_name="identity",
         split_by_whitespace=True, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1,

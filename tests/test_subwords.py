@@ -61,13 +61,17 @@ def test_pieces_detokenise_to_the_moses_text(lang, lowercase):
         assert sub.detokenize(pieces + ["<eos>", "<pad>"]) == word.detokenize(word.tokenize(text))
 
 
-def test_a_literal_word_start_mark_in_input_keeps_its_word_whole():
-    """Sentencepiece reads "▁" as a space: a word holding one would come back as two words."""
+def test_a_literal_word_start_mark_is_kept_as_an_underscore():
+    """Sentencepiece reads "▁" as a space. Moses splits a lone one off (prepare pieces those words
+    directly), and a word holding one reaches from_cased from a caller's own words: both keep it."""
     sub = subword_tokenizer("en", True)
-    pieces, cased = sub.from_cased(sub.words("The a\u2581b dog."))
+    assert sub.words("The a\u2581b dog.") == ["The", "a", "\u2581", "b", "dog", "."]
+    pieces = sub.tokenize("The a\u2581b dog.")
+    assert pieces == sub.pieces(["the", "a", "\u2581", "b", "dog", "."])  # as prepare pieces its words
+    assert sub.detokenize(pieces) == "the a _ b dog."
+    pieces, cased = sub.from_cased(["The", "a\u2581b", "dog", "."])
     assert "".join(pieces).replace("\u2581", " ").split() == ["the", "a_b", "dog", "."]
     assert "".join(cased).replace("\u2581", " ").split() == ["The", "a_b", "dog", "."]
-    assert sub.detokenize(pieces) == "the a_b dog."
 
 
 def test_cased_pieces_align_with_the_lowercase_ones():
