@@ -18,7 +18,8 @@ EXTRA="$*"
 # Each setting's overrides (section.key=value, as benchmarks/common.py's params_with reads them),
 # applied after the budget every setting shares and before the command line's.
 COMMON="train.epochs=14 train.max_minutes=6 train.average_checkpoints=5 train.threads=2"
-declare -A SETTING=([default]="" [cosine]="train.lr_schedule=cosine train.warmup_steps=200"
+declare -A SETTING=([default]="" [plateau]="train.lr_schedule=plateau train.warmup_steps=0"
+                    [previous]="train.dropout=0.3 train.label_smoothing=0.0 train.lr_schedule=plateau train.warmup_steps=0"
                     [batch5000]="train.batch_tokens=5000" [fullsoftmax]="train.sampled_softmax=0"
                     [hidden384]="train.hidden_size=384 train.epochs=18"
                     [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000")
