@@ -188,15 +188,13 @@ def benchmark_decoding(params, data: Path, split: str, ratios: list[float], batc
 
 
 def load_lexicon(path: Path):
-    """The lexicon in a model.pt, or a saved Lexicon.to_dict()."""
-    from pipeline.lexicon import Lexicon
+    """The lexicon stored in a model.pt, read as the pipeline reads it."""
+    from pipeline.model import load_translator
 
-    data = torch.load(path, weights_only=True)
-    if "translations" not in data:
-        if data.get("lexicon") is None:
-            raise typer.BadParameter(f"{path} holds no lexicon (train with train.lexicon: true)")
-        data = data["lexicon"]
-    return Lexicon.from_dict(data)
+    lexicon = load_translator(path).lexicon
+    if lexicon is None:
+        raise typer.BadParameter(f"{path} holds no lexicon (train with train.lexicon: true)")
+    return lexicon
 
 
 CURRENT = "pipeline/decode.py"
