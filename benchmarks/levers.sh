@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/levers.sh            # figures to stdout, logs and reports to $OUT
 #   bash benchmarks/levers.sh train.max_steps=3 embed.epochs=1 evaluate.max_len_ratio=0.3   # a smoke test
+#   SETTINGS="long big" bash benchmarks/levers.sh train.max_minutes=6.5   # a longer budget, on a GPU
 set -u
 OUT=${OUT:-/tmp/levers-out} ROOT=${ROOT:-/tmp/levers}
 mkdir -p "$OUT"; rm -rf "$ROOT"; mkdir -p "$ROOT"
@@ -22,9 +23,15 @@ declare -A SETTING=([default]="" [plateau]="train.lr_schedule=plateau train.warm
                     [previous]="train.dropout=0.3 train.label_smoothing=0.0 train.lr_schedule=plateau train.warmup_steps=0"
                     [batch5000]="train.batch_tokens=5000" [fullsoftmax]="train.sampled_softmax=0"
                     [hidden384]="train.hidden_size=384 train.epochs=18"
-                    [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000")
+                    [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000"
+                    # beyond the CPU's budget: what a GPU's minutes buy (the cosine plan decides the epochs)
+                    [long]="train.epochs=24" [big]="train.hidden_size=1024 train.dropout=0.5 train.epochs=20")
+SETTINGS=${SETTINGS:-default plateau previous batch5000 fullsoftmax hidden384 subword}
+for name in $SETTINGS; do
+  [ -n "${SETTING[$name]+set}" ] || { echo "levers.sh: no setting '$name' (${!SETTING[*]})" >&2; exit 2; }
+done
 vamos() { (cd "$ROOT/$1" && PYTHONPATH=${PYTHONPATH:-}:$PWD python3 -m pipeline.cli "$2" > "$OUT/$2_$1.log" 2>&1); }
-for name in "${!SETTING[@]}"; do
+for name in $SETTINGS; do
   cp -r . "$ROOT/$name"; rm -f "$ROOT/$name"/reports/*.json "$ROOT/$name/reports/learning_curve.csv"
   # shellcheck disable=SC2086 # the overrides are words
   (cd "$ROOT/$name" && python3 - $COMMON ${SETTING[$name]} $EXTRA <<'PY'
@@ -42,15 +49,15 @@ PARAMS_FILE.write_text(yaml.safe_dump(params, sort_keys=False))
 PY
   ) || exit 2
 done
-for name in "${!SETTING[@]}"; do (vamos $name prepare && vamos $name embed && vamos $name train && vamos $name evaluate
+for name in $SETTINGS; do (vamos $name prepare && vamos $name embed && vamos $name train && vamos $name evaluate
   echo "$name: rc $?") & done; wait
-for name in "${!SETTING[@]}"; do
+for name in $SETTINGS; do
   (cd "$ROOT/$name" && PYTHONPATH=${PYTHONPATH:-}:$PWD python3 benchmarks/score.py .vamos/checkpoints/*/best.pt \
      > "$OUT/score_best_$name.md" 2>&1) &
 done; wait
 echo "| setting | train tokens/s | epochs | best valid BLEU | test BLEU (chrF), best epoch | test BLEU (chrF), last 5 averaged |"
 echo "|---|---|---|---|---|---|"
-for name in "${!SETTING[@]}"; do
+for name in $SETTINGS; do
   d=$ROOT/$name; cp "$d/reports/learning_curve.csv" "$OUT/curve_$name.csv" 2>/dev/null
   python3 - "$d" "$name" "$OUT/score_best_$name.md" <<'PY'
 import json, sys
