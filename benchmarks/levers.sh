@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The lever table in the README: the real `train` and `evaluate` stages for each setting, side by
 # side (one GPU holds them all; on a CPU give each its own machine), 14 epochs each (the CPU
-# default's budget), each keeping its last 5 validated weights so that best and averaged can be
+# default's budget) unless the setting says otherwise (SETTINGS picks which run), each keeping its last 5 validated weights so that best and averaged can be
 # compared, then benchmarks/score.py on each run's best checkpoint. Needs data/raw/pairs.parquet
 # (`dvc repro ingest`); each setting runs in a copy of the checkout under $ROOT.
 #
 #   bash benchmarks/levers.sh            # figures to stdout, logs and reports to $OUT
 #   bash benchmarks/levers.sh train.max_steps=3 embed.epochs=1 evaluate.max_len_ratio=0.3   # a smoke test
-#   SETTINGS="long big" bash benchmarks/levers.sh train.max_minutes=6.5   # a longer budget, on a GPU
+#   SETTINGS="long big" bash benchmarks/levers.sh train.max_minutes=6   # longer plans, on a GPU
 set -u
 OUT=${OUT:-/tmp/levers-out} ROOT=${ROOT:-/tmp/levers}
 mkdir -p "$OUT"; rm -rf "$ROOT"; mkdir -p "$ROOT"
 if [ -d .whl ]; then  # a lent machine without the project's packages: wheels carried beside the checkout
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
 EXTRA="$*"
