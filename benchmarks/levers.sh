@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The lever table in the README: the real `train` and `evaluate` stages for each setting, side by
 # side (one GPU holds them all; on a CPU give each its own machine), 14 epochs each (the CPU
-# default's budget) unless the setting says otherwise (SETTINGS picks which run), each keeping its last 5 validated weights so that best and averaged can be
-# compared, then benchmarks/score.py on each run's best checkpoint. Needs data/raw/pairs.parquet
-# (`dvc repro ingest`); each setting runs in a copy of the checkout under $ROOT.
+# default's budget) unless the setting says otherwise, each keeping its last 5 validated weights
+# so that best and averaged can be compared, then benchmarks/score.py on each run's best
+# checkpoint. SETTINGS picks which settings run. Needs data/raw/pairs.parquet (`dvc repro
+# ingest`); each setting runs in a copy of the checkout under $ROOT.
 #
 #   bash benchmarks/levers.sh            # figures to stdout, logs and reports to $OUT
 #   bash benchmarks/levers.sh train.max_steps=3 embed.epochs=1 evaluate.max_len_ratio=0.3   # a smoke test
