@@ -1,10 +1,15 @@
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config import load_params
+from pipeline.registry import register
+from pipeline.storage import read_json
 from tests.conftest import ADJECTIVES, NOUNS, VERBS
+from tests.test_registry import broken_copy
 
 runner = CliRunner()
 
@@ -30,13 +35,19 @@ def test_translate_a_model_file_from_arguments_and_stdin(trained_copy):
     assert piped.exit_code == 0 and len(piped.stdout.splitlines()) == 2
 
 
-def test_translate_uses_the_registered_champion_by_alias_version_or_uri(trained_copy):
+def test_translate_uses_the_registered_model_by_alias_version_or_uri(trained_copy):
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
+    broken = broken_copy(Path(MODEL_FILE), trained_copy / "broken.pt")
+    register(params, broken, run_id, pd.read_parquet("data/prepared/test.parquet"))  # v2: worse, a challenger
     outputs = {spec: translate("--model", spec, "The red dog sleeps.") for spec in
-               ("champion", "1", "models:/vamos-en-es@champion")}
+               ("champion", "1", "models:/vamos-en-es@champion", "2", "challenger", "models:/vamos-en-es/2")}
     for spec, result in outputs.items():
         assert result.exit_code == 0, (spec, result.output)
-    assert len({result.stdout for result in outputs.values()}) == 1
-    assert speaks_spanish(translate("The red dog sleeps.").stdout)  # the champion by default
+    champion = outputs["champion"].stdout
+    assert speaks_spanish(champion) and translate("The red dog sleeps.").stdout == champion  # the default
+    assert outputs["1"].stdout == outputs["models:/vamos-en-es@champion"].stdout == champion
+    assert outputs["2"].stdout == outputs["challenger"].stdout == outputs["models:/vamos-en-es/2"].stdout
+    assert outputs["2"].stdout != champion
 
 
 def test_a_document_file_in_paragraph_mode_gives_one_line_per_line(trained_copy):

@@ -48,6 +48,7 @@ def test_bad_rows_are_counted_and_good_rows_kept(name, tmp_path, monkeypatch):
     assert code == 0, output
     kept = pd.read_parquet(tmp_path / "data/raw/pairs.parquet")
     assert {"El perro rojo duerme.", "Buenas noches."} <= set(kept["tgt"])
+    assert {"The red dog sleeps.", "Good night."} <= set(kept["src"])  # a BOM would stick to the first
     for reason, count in expected_drops.items():
         assert report["dropped"][reason] == count
         assert output.count(reason) >= 1  # the table in the log names the reason

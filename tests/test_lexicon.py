@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 import torch
@@ -37,7 +39,7 @@ def test_build_lexicon_runs_on_the_real_model_and_leaves_it_as_it_was():
     model = make_model(src_vocab=len(data.frame) + 10, tgt_vocab=12).train()
     lexicon = build_lexicon(model, data, per_word=2)
     assert model.training
-    assert set(lexicon.translations) <= {"a", "b", "c"}
+    assert lexicon.translations and set(lexicon.translations) <= {"a", "b", "c"}
     assert all(1 <= len(t) <= 2 and set(t) <= {"x", "y", "z", "w"} for t in lexicon.translations.values())
 
 
@@ -113,16 +115,19 @@ def test_evaluate_lexicon_switches_need_train_lexicon(tmp_path):
         assert getattr(load_params(path).evaluate, switch)
 
 
-def test_training_with_lexicon_stores_it_in_model_pt_and_evaluate_uses_it(tmp_path, monkeypatch, mlflow_store):
+def test_training_with_lexicon_stores_it_in_model_pt_and_evaluate_uses_it(tmp_path, monkeypatch, mlflow_store,
+                                                                           caplog):
     from pipeline.config import load_params
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import evaluate, source_tokens, translate_split
     from pipeline.model import load_translator
     from pipeline.stages import embed, ingest, prepare
     from pipeline.train import train
     from tests.conftest import make_project, small_params
 
+    # 150 steps: a model that says words (at 20 it says only <eos>, and the shortlist check below
+    # would hold for any decoder).
     root = make_project(tmp_path / "project", small_params(**{
-        "train.lexicon": True, "train.max_steps": 20, "evaluate.unk_dictionary": True, "evaluate.shortlist": True}))
+        "train.lexicon": True, "train.max_steps": 150, "evaluate.unk_dictionary": True, "evaluate.shortlist": True}))
     monkeypatch.chdir(root)
     params = load_params()
     for stage in (ingest, prepare, embed):
@@ -137,8 +142,19 @@ def test_training_with_lexicon_stores_it_in_model_pt_and_evaluate_uses_it(tmp_pa
     assert model_file.read_bytes() == first
 
     test = pd.read_parquet(root / "data" / "prepared" / "test.parquet")
+    caplog.clear()
     metrics = evaluate(translator, test, params.evaluate, root / "reports")
-    assert metrics["sentences"] == len(test) and metrics["bleu"] >= 0
+    assert metrics["sentences"] == len(test) and "has no lexicon" not in caplog.text
+    # Evaluate's decoding scores only the shortlist: with no frequent words in it, one translation
+    # per source word and one sentence a batch, each output word the vocabulary knows is the best
+    # translation of one of its own source words.
+    translator.lexicon = replace(translator.lexicon, frequent=0, per_word=1)
+    sources, _ = source_tokens(translator, test)
+    vocab = translator.tgt_vocab
+    outputs = translate_split(translator, test, params.evaluate.model_copy(update={"batch_size": 1}))
+    for source, (words, _) in zip(sources, outputs, strict=True):
+        allowed = {vocab.itos[i] for i in translator.lexicon.shortlist([source], vocab).tolist()}
+        assert {w for w in words if w in vocab.stoi} <= allowed, (source, words)
 
 
 def test_a_model_without_a_lexicon_is_decoded_plainly_when_the_switches_are_on():

@@ -1,6 +1,7 @@
 """MLflow set-up: experiments open on their runs in MLflow 3's UI, and DVC experiments (--temp and
 --queue ones too, which run in a copy without git-ignored files) log to the workspace's store."""
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -62,4 +63,5 @@ def test_dvc_experiments_log_to_the_workspace_store(tmp_path, monkeypatch, how):
     (logged,) = client.search_runs([experiment.experiment_id])
     assert logged.data.tags["dvc.experiment"] == "probe-exp"
     assert experiment.artifact_location.startswith(str(repo / "mlruns"))  # not in the throwaway copy
-    assert client.download_artifacts(logged.info.run_id, "probe.txt", str(tmp_path)).endswith("probe.txt")
+    artifact = client.download_artifacts(logged.info.run_id, "probe.txt", str(tmp_path))
+    assert Path(artifact).read_text() == "hello"  # the artifact the experiment logged, readable after it

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import random
 import shutil
@@ -14,6 +15,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from pipeline import storage
 from pipeline.config import Params, load_params
 from pipeline.stages import embed, ingest, prepare
 from pipeline.train import CODE, fingerprint, learning_rate, should_stop_early, train
@@ -118,13 +120,18 @@ def test_a_cut_epoch_counts_as_partial_and_raising_the_budget_continues_inside_i
     assert [h["valid_loss"] for h in whole] == [h["valid_loss"] for h in expected["progress"]["history"]]
 
 
-def test_finished_training_rerun_restores_the_best_model(embedded, tmp_path, monkeypatch, mlflow_store):
+def test_finished_training_rerun_restores_the_best_model(embedded, tmp_path, monkeypatch, mlflow_store, caplog):
     root = copy_of(embedded, tmp_path / "p")
-    run_train(root, monkeypatch, epochs=1)
+    first = run_train(root, monkeypatch, epochs=1)
+    written, run_file = (root / MODEL).read_bytes(), json.loads((root / storage.RUN_FILE).read_text())
     shutil.rmtree(root / "models/seq2seq")  # what `dvc repro -f` does to the outputs
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="pipeline.train")
     summary = run_train(root, monkeypatch, epochs=1)
-    assert summary["epochs"] == 1
-    assert (root / MODEL).exists()
+    # Restored from the finished checkpoint, not trained again: same steps, same MLflow run.
+    assert "resuming from" in caplog.text and summary["steps"] == first["steps"]
+    assert [r.info.run_id for r in runs(mlflow_store)] == [run_file["run_id"]]
+    assert (root / MODEL).read_bytes() == written
 
 
 def test_a_wall_clock_stop_says_the_model_depends_on_the_machine(embedded, tmp_path, monkeypatch, mlflow_store,
