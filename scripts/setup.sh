@@ -18,8 +18,9 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch first, pinned to the CPU build this project is tested with. A machine with a GPU can
-# install its own CUDA build of torch before running this: the project only asks for torch>=2.4.
+# torch first, pinned to the version this project is tested with (a CPU build where the pip index
+# offers one; PyPI's default Linux wheel is the CUDA build). A machine with a GPU can install its
+# own CUDA build of torch before running this: the project only asks for torch>=2.4.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 echo "vamos is set up in .venv (activate it with: . .venv/bin/activate)"
