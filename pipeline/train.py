@@ -180,7 +180,11 @@ def planned_steps(cfg: TrainParams, data: ParallelData, seed: int) -> int:
     if cfg.lr_schedule == "plateau":
         return 0  # not needed
     total = sum(len(data.epoch_batches(cfg.batch_tokens, seed, e)) for e in range(cfg.epochs))
-    return min(total, cfg.max_steps or total)
+    planned = min(total, cfg.max_steps or total)
+    if cfg.warmup_steps >= planned:
+        log.warning("train.warmup_steps (%d) is not below the %d planned steps: the rate never reaches "
+                    "train.lr and never decays", cfg.warmup_steps, planned)
+    return planned
 
 
 def smoothed(scores: list[float], window: int) -> list[float]:
@@ -244,7 +248,8 @@ def validation_bleu(translator: Translator, valid: ValidationSet) -> float:
 # Checkpoints
 
 # Params that only decide when training stops or how fast it runs: changing them continues the
-# same training (`dvc exp run -S train.epochs=20` resumes from the last checkpoint). `device` is
+# same training (under `lr_schedule: plateau`, `dvc exp run -S train.epochs=20` resumes from the
+# last checkpoint; a decaying schedule's plan depends on epochs and max_steps, see fingerprint). `device` is
 # not among them: CUDA kernels give other numbers than the CPU's. `threads` is, although another
 # thread count sums in another order (last-bit differences): a resume may use other threads, and
 # bit-identical runs need the same count (the default, all cores, on the same kind of machine).

@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from pipeline import storage
 from pipeline.config import Params, load_params
 from pipeline.stages import embed, ingest, prepare
-from pipeline.train import CODE, fingerprint, learning_rate, should_stop_early, train
+from pipeline.data import load_corpus
+from pipeline.train import CODE, fingerprint, learning_rate, planned_steps, should_stop_early, train
 from tests.conftest import make_project, small_params
 
 MODEL = "models/seq2seq/model.pt"
@@ -209,6 +210,15 @@ def test_learning_rate_schedules():
         rates = [learning_rate(decaying, step, 100, 1.0) for step in range(100)]
         assert rates[9] == 1.0 and rates[99] < 0.03 and all(a >= b for a, b in zip(rates[9:], rates[10:]))
         assert learning_rate(decaying, 100, 100, 1.0) == 0.0  # past the planned end
+
+
+def test_a_warm_up_as_long_as_the_plan_is_reported(embedded, caplog):
+    data = load_corpus(embedded / storage.PREPARED).train
+    cfg = Params().train.model_copy(update={"lr_schedule": "cosine", "epochs": 1, "warmup_steps": 0})
+    steps = planned_steps(cfg, data, seed=1)
+    assert steps > 0 and "warmup_steps" not in caplog.text
+    planned_steps(cfg.model_copy(update={"warmup_steps": steps}), data, seed=1)
+    assert f"train.warmup_steps ({steps}) is not below the {steps} planned steps" in caplog.text
 
 
 def test_early_stopping_rides_out_single_dips_and_stops_on_a_plateau():
