@@ -10,12 +10,6 @@
 #   bash benchmarks/levers.sh train.max_steps=3 embed.epochs=1 evaluate.max_len_ratio=0.3   # a smoke test
 #   SETTINGS="long big" bash benchmarks/levers.sh train.max_minutes=6   # longer plans, on a GPU
 set -u
-OUT=${OUT:-/tmp/levers-out} ROOT=${ROOT:-/tmp/levers}
-mkdir -p "$OUT"; rm -rf "$ROOT"; mkdir -p "$ROOT"
-if [ -d .whl ]; then  # a lent machine without the project's packages: wheels carried beside the checkout
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
 EXTRA="$*"
 # Each setting's overrides (section.key=value, as benchmarks/common.py's params_with reads them),
 # applied after the budget every setting shares and before the command line's.
@@ -27,12 +21,22 @@ declare -A SETTING=([default]="" [plateau]="train.lr_schedule=plateau train.warm
                     [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000"
                     # beyond the CPU's budget: what a GPU's minutes buy (the cosine plan decides the epochs)
                     [long]="train.epochs=24" [big]="train.hidden_size=1024 train.dropout=0.5 train.epochs=20")
-SETTINGS=${SETTINGS:-default plateau previous batch5000 fullsoftmax hidden384 subword}
-for name in $SETTINGS; do
+read -ra NAMES <<< "${SETTINGS:-default plateau previous batch5000 fullsoftmax hidden384 subword}"
+declare -A SEEN=()
+for name in "${NAMES[@]}"; do  # checked before anything is deleted or installed
   [ -n "${SETTING[$name]+set}" ] || { echo "levers.sh: no setting '$name' (${!SETTING[*]})" >&2; exit 2; }
+  [ -z "${SEEN[$name]+set}" ] || { echo "levers.sh: '$name' is named twice in SETTINGS" >&2; exit 2; }
+  SEEN[$name]=1
 done
+[ ${#NAMES[@]} -gt 0 ] || { echo "levers.sh: SETTINGS names no setting" >&2; exit 2; }
+OUT=${OUT:-/tmp/levers-out} ROOT=${ROOT:-/tmp/levers}
+mkdir -p "$OUT"; rm -rf "$ROOT"; mkdir -p "$ROOT"
+if [ -d .whl ]; then  # a lent machine without the project's packages: wheels carried beside the checkout
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
 vamos() { (cd "$ROOT/$1" && PYTHONPATH=${PYTHONPATH:-}:$PWD python3 -m pipeline.cli "$2" > "$OUT/$2_$1.log" 2>&1); }
-for name in $SETTINGS; do
+for name in "${NAMES[@]}"; do
   cp -r . "$ROOT/$name"; rm -f "$ROOT/$name"/reports/*.json "$ROOT/$name/reports/learning_curve.csv"
   # shellcheck disable=SC2086 # the overrides are words
   (cd "$ROOT/$name" && python3 - $COMMON ${SETTING[$name]} $EXTRA <<'PY'
@@ -50,15 +54,15 @@ PARAMS_FILE.write_text(yaml.safe_dump(params, sort_keys=False))
 PY
   ) || exit 2
 done
-for name in $SETTINGS; do (vamos $name prepare && vamos $name embed && vamos $name train && vamos $name evaluate
+for name in "${NAMES[@]}"; do (vamos $name prepare && vamos $name embed && vamos $name train && vamos $name evaluate
   echo "$name: rc $?") & done; wait
-for name in $SETTINGS; do
+for name in "${NAMES[@]}"; do
   (cd "$ROOT/$name" && PYTHONPATH=${PYTHONPATH:-}:$PWD python3 benchmarks/score.py .vamos/checkpoints/*/best.pt \
      > "$OUT/score_best_$name.md" 2>&1) &
 done; wait
 echo "| setting | train tokens/s | epochs | best valid BLEU | test BLEU (chrF), best epoch | test BLEU (chrF), last 5 averaged |"
 echo "|---|---|---|---|---|---|"
-for name in $SETTINGS; do
+for name in "${NAMES[@]}"; do
   d=$ROOT/$name; cp "$d/reports/learning_curve.csv" "$OUT/curve_$name.csv" 2>/dev/null
   python3 - "$d" "$name" "$OUT/score_best_$name.md" <<'PY'
 import json, sys

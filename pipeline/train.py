@@ -181,9 +181,9 @@ def planned_steps(cfg: TrainParams, data: ParallelData, seed: int) -> int:
         return 0  # not needed
     total = sum(len(data.epoch_batches(cfg.batch_tokens, seed, e)) for e in range(cfg.epochs))
     planned = min(total, cfg.max_steps or total)
-    if cfg.warmup_steps >= planned:
-        log.warning("train.warmup_steps (%d) is not below the %d planned steps: the rate never reaches "
-                    "train.lr and never decays", cfg.warmup_steps, planned)
+    if cfg.warmup_steps >= planned - 1:  # steps count from 0: the decay starts at step warmup_steps + 1
+        log.warning("train.warmup_steps (%d) leaves the %d planned steps no room to decay%s", cfg.warmup_steps,
+                    planned, ", nor to reach train.lr" if cfg.warmup_steps > planned else "")
     return planned
 
 

@@ -9,7 +9,6 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.config import ParamsError, Params, load_params
-from pipeline.model import load_translator
 from pipeline.registry import CHALLENGER, CHAMPION, decide, file_md5, model_checkpoint, paired_bootstrap, register
 from pipeline.storage import MODEL_FILE, read_json
 from tests.conftest import ADJECTIVES, NOUNS, VERBS
@@ -154,10 +153,8 @@ def test_champion_pyfunc_translates_text(trained_copy):
     assert len(outputs) == 2 and all(isinstance(o, str) and o for o in outputs)
     learned = set(NOUNS.values()) | set(ADJECTIVES.values()) | set(VERBS.values())
     assert any(word.strip(".") in learned for word in outputs[0].split())  # learned from the tiny corpus
-    checkpoint, search = model_checkpoint(f"models:/{NAME}@{CHAMPION}", trained_copy / "served"), load_params().evaluate
-    greedy = load_translator(checkpoint, "cpu").translate(
-        ["The red dog sleeps."], beam_size=1, alpha=search.length_penalty, max_len_ratio=search.max_len_ratio,
-        precision=search.precision, unk_penalty=search.unk_penalty)
+    served = model.unwrap_python_model()  # its own translator and search settings, on its device
+    greedy = served.translator.translate(["The red dog sleeps."], **{**served.search, "beam_size": 1})
     assert model.predict(["The red dog sleeps."], params={"beam_size": 1}) == greedy
     with pytest.raises(Exception, match="beam_size"):  # the request's value is read and checked
         model.predict(["The red dog sleeps."], params={"beam_size": 0})
