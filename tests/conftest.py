@@ -133,6 +133,19 @@ def trained_copy(trained_project, tmp_path, monkeypatch) -> Path:
     return root
 
 
+def broken_model(root: Path) -> Path:
+    """root's model.pt with its decoder zeroed, as root/broken.pt: a model that translates nothing well."""
+    import torch
+
+    from pipeline.storage import MODEL_FILE
+
+    bundle = torch.load(root / MODEL_FILE, weights_only=True)
+    bundle["state_dict"] = {k: torch.zeros_like(v) if k.startswith("decoder.rnn") else v
+                            for k, v in bundle["state_dict"].items()}
+    torch.save(bundle, root / "broken.pt")
+    return root / "broken.pt"
+
+
 def run(cmd: list[str], cwd: Path, **kw):
     import subprocess
 

@@ -8,8 +8,7 @@ from pipeline.cli import app
 from pipeline.config import load_params
 from pipeline.registry import register
 from pipeline.storage import read_json
-from tests.conftest import ADJECTIVES, NOUNS, VERBS
-from tests.test_registry import broken_copy
+from tests.conftest import ADJECTIVES, NOUNS, VERBS, broken_model
 
 runner = CliRunner()
 
@@ -37,7 +36,7 @@ def test_translate_a_model_file_from_arguments_and_stdin(trained_copy):
 
 def test_translate_uses_the_registered_model_by_alias_version_or_uri(trained_copy):
     params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
-    broken = broken_copy(Path(MODEL_FILE), trained_copy / "broken.pt")
+    broken = broken_model(trained_copy)
     register(params, broken, run_id, pd.read_parquet("data/prepared/test.parquet"))  # v2: worse, a challenger
     outputs = {spec: translate("--model", spec, "The red dog sleeps.") for spec in
                ("champion", "1", "models:/vamos-en-es@champion", "2", "challenger", "models:/vamos-en-es/2")}

@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from pipeline.config import load_params
 from pipeline.registry import CHALLENGER, CHAMPION, register
 from pipeline.storage import MODEL_FILE
-from tests.conftest import run, use_store
-from tests.test_registry import NAME, broken_copy
+from tests.conftest import broken_model, run, use_store
+from tests.test_registry import NAME
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_register_promote_and_translate_through_a_tracking_server(tracking_serve
         pass
     first = register(params, MODEL_FILE, training.info.run_id, test)
     assert first["version"] == 1 and first["alias"] == CHAMPION
-    second = register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), training.info.run_id, test)
+    second = register(params, broken_model(trained_copy), training.info.run_id, test)
     assert second["version"] == 2 and second["alias"] == CHALLENGER and second["compared_with"] == 1
 
     client = MlflowClient()

@@ -5,13 +5,12 @@ import json
 import mlflow
 import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from pipeline.config import ParamsError, Params, load_params
 from pipeline.registry import CHALLENGER, CHAMPION, decide, file_md5, model_checkpoint, paired_bootstrap, register
 from pipeline.storage import MODEL_FILE, read_json
-from tests.conftest import ADJECTIVES, NOUNS, VERBS
+from tests.conftest import ADJECTIVES, NOUNS, VERBS, broken_model
 
 NAME = "vamos-en-es"
 
@@ -62,15 +61,6 @@ def any_gain_promotes(params: Params) -> Params:
     return Params.model_validate({**raw, "register": {**raw["register"], "min_gain": 0.0, "max_p": 1.0}})
 
 
-def broken_copy(path, out):
-    """The same checkpoint with its decoder zeroed: a model that translates nothing well."""
-    bundle = torch.load(path, weights_only=True)
-    bundle["state_dict"] = {k: torch.zeros_like(v) if k.startswith("decoder.rnn") else v
-                            for k, v in bundle["state_dict"].items()}
-    torch.save(bundle, out)
-    return out
-
-
 def test_first_run_registered_a_champion_with_its_comparison_record(trained_copy):
     record = read_json("reports/registry.json")
     assert record["alias"] == CHAMPION and record["version"] == 1 and record["compared_with"] is None
@@ -92,7 +82,7 @@ def test_register_is_idempotent(trained_copy):
 def test_a_worse_model_becomes_challenger_and_retries_reuse_its_version(trained_copy):
     params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
-    worse = broken_copy(MODEL_FILE, trained_copy / "broken.pt")
+    worse = broken_model(trained_copy)
     record = register(params, worse, run_id, test)
     assert record["version"] == 2 and record["alias"] == CHALLENGER and record["compared_with"] == 1
     comparison = record["comparison"]
@@ -111,7 +101,7 @@ def test_a_worse_model_becomes_challenger_and_retries_reuse_its_version(trained_
 def test_a_hand_moved_champion_is_what_the_next_register_compares_with(trained_copy):
     params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
-    broken = broken_copy(MODEL_FILE, trained_copy / "broken.pt")
+    broken = broken_model(trained_copy)
     register(params, broken, run_id, test)  # version 2
     client = MlflowClient()
     client.set_registered_model_alias(NAME, CHAMPION, "2")  # a person promotes the broken model
@@ -126,7 +116,7 @@ def test_a_hand_moved_champion_is_what_the_next_register_compares_with(trained_c
 def test_a_model_from_a_dvc_experiment_never_becomes_champion(trained_copy, monkeypatch):
     params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
-    register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)  # version 2
+    register(params, broken_model(trained_copy), run_id, test)  # version 2
     client = MlflowClient()
     client.set_registered_model_alias(NAME, CHAMPION, "2")
     monkeypatch.setenv("DVC_EXP_NAME", "bigger-model")  # what `dvc exp run` sets for its stages
@@ -141,7 +131,7 @@ def test_a_model_from_a_dvc_experiment_never_becomes_champion(trained_copy, monk
 def test_a_changed_test_set_is_scored_again(trained_copy):
     params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
-    register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)
+    register(params, broken_model(trained_copy), run_id, test)
     first = json.loads(MlflowClient().get_model_version(NAME, "2").tags["promotion"])
     fewer = register(params, trained_copy / "broken.pt", run_id, test.iloc[:-1])
     assert fewer["test_sentences"] == len(test) - 1 and fewer["test_sha256"] != first["test_sha256"]
@@ -172,7 +162,7 @@ def test_run_has_params_metrics_and_tags(trained_copy):
 def test_a_repeat_register_leaves_a_hand_moved_alias_alone(trained_copy):
     params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
     test = pd.read_parquet("data/prepared/test.parquet")
-    register(params, broken_copy(MODEL_FILE, trained_copy / "broken.pt"), run_id, test)  # v2, challenger
+    register(params, broken_model(trained_copy), run_id, test)  # v2, challenger
     client = MlflowClient()
     client.set_registered_model_alias(NAME, CHALLENGER, "1")  # a person's choice, on purpose
     again = register(params, trained_copy / "broken.pt", run_id, test)  # the nightly repeat, same decision

@@ -264,9 +264,6 @@ def test_fingerprint_covers_computation_not_speed(tmp_path):
 
 def test_keep_freed_memory_takes_on_glibc():
     """The train stage's allocator setting: it holds for a whole process, so try it in a fresh one."""
-    import subprocess
-    import sys
-
     code = "from pipeline.train import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"  # this Debian's C library is glibc
