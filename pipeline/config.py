@@ -122,6 +122,9 @@ class TrainParams(Strict):
     bidirectional: bool = True
     attention: Literal["dot", "general", "bahdanau"] = "general"
     dropout: float = Field(0.2, ge=0, lt=1)
+    # Word dropout (Sennrich & Zhang, 2019): source and target input words replaced by <unk> with
+    # this probability in training; the targets to predict stay whole.
+    word_dropout: float = Field(0.0, ge=0, lt=1)
     freeze_embeddings: bool = False
     # None keeps word2vec's own scale (best on the Bible); a number rescales the vectors to that
     # std, which helps on tiny corpora whose vectors are barely trained.

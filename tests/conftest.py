@@ -56,7 +56,7 @@ def small_params(**overrides) -> dict:
     # Full softmax: on a few hundred words sampling saves nothing, and 50 draws are too noisy to learn from.
     params["train"].update(hidden_size=48, epochs=3, batch_tokens=200, sampled_softmax=0, max_minutes=None,
                            checkpoint_every=10, patience=3, lr=0.01, threads=1,
-                           embedding_std=1.0, lr_decay=0.9, dropout=0.0, label_smoothing=0.0,
+                           embedding_std=1.0, lr_decay=0.9, dropout=0.0, word_dropout=0.0, label_smoothing=0.0,
                            # A tiny run plans fewer steps than the default warm-up, and the resume
                            # tests raise the budget, which under cosine starts a new training.
                            lr_schedule="plateau", warmup_steps=0)

@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 from pipeline import storage
 from pipeline.config import Params, load_params
 from pipeline.stages import embed, ingest, prepare
+from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK_ID
 from pipeline.data import load_corpus
-from pipeline.train import CODE, fingerprint, learning_rate, planned_steps, should_stop_early, train
+from pipeline.train import CODE, drop_words, fingerprint, learning_rate, planned_steps, should_stop_early, train
 from tests.conftest import make_project, small_params
 
 MODEL = "models/seq2seq/model.pt"
@@ -173,7 +174,7 @@ def test_average_checkpoints_writes_the_mean_of_the_last_snapshots(embedded, tmp
 def test_resume_after_sigkill_mid_epoch_gives_the_same_weights(embedded, tmp_path, monkeypatch, mlflow_store):
     """`vamos train` killed at a random step after its first checkpoint, then run again, ends with
     the weights of a run that was never interrupted, bit for bit."""
-    overrides = dict(epochs=4, checkpoint_every=3)
+    overrides = dict(epochs=4, checkpoint_every=3, word_dropout=0.2)  # its draws resume too
     straight = copy_of(embedded, tmp_path / "straight")
     run_train(straight, monkeypatch, **overrides)
     killed = copy_of(embedded, tmp_path / "killed")
@@ -199,6 +200,20 @@ def test_resume_after_sigkill_mid_epoch_gives_the_same_weights(embedded, tmp_pat
     run_id = json.loads((killed / ".vamos/run.json").read_text())["run_id"]
     assert MlflowClient(mlflow_store).get_run(run_id).info.status == "FINISHED"  # resumed, not left RUNNING
     assert all(r.info.status == "FINISHED" for r in runs(mlflow_store))
+
+
+def test_word_dropout_turns_only_words_into_unk_and_draws_nothing_at_rate_zero():
+    ids = torch.tensor([[SOS_ID] + list(range(4, 2004)) + [EOS_ID, PAD_ID, PAD_ID]])
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert drop_words(ids, 0.0) is ids and torch.equal(torch.get_rng_state(), state)
+    dropped = drop_words(ids, 0.25)
+    changed = dropped != ids
+    assert (dropped[changed] == UNK_ID).all()
+    assert not changed[0, [0, -3, -2, -1]].any()  # <sos>, <eos> and padding stay
+    assert 0.2 < changed.float().sum() / 2000 < 0.3
+    torch.manual_seed(0)
+    assert torch.equal(drop_words(ids, 0.25), dropped)  # seeded: the same words each run
 
 
 def test_learning_rate_schedules():
@@ -244,7 +259,8 @@ def test_fingerprint_covers_computation_not_speed(tmp_path):
                           {"patience": 9}, {"max_steps": 100}):
         changed = params.model_copy(update={"train": params.train.model_copy(update=speed_or_stop)})
         assert fingerprint(changed, [], "fp32") == base
-    for computation in ({"device": "cuda"}, {"input_feeding": not params.train.input_feeding}, {"sampled_softmax": 10}):
+    for computation in ({"device": "cuda"}, {"input_feeding": not params.train.input_feeding}, {"sampled_softmax": 10},
+                        {"word_dropout": 0.3}):
         changed = params.model_copy(update={"train": params.train.model_copy(update=computation)})
         assert fingerprint(changed, [], "fp32") != base
     assert fingerprint(params, [], "bf16 mixed") != base  # the same params on a machine with bf16
