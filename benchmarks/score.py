@@ -1,6 +1,8 @@
 """Test (or validation) BLEU, chrF and greedy BLEU of model files, decoded exactly as `evaluate`
 decodes: how a training's best checkpoint is compared with its averaged weights, or two runs'
-models with each other, without touching reports/ or MLflow.
+models with each other, without touching reports/ or MLflow. With several models, each one after
+the first is also compared with the first by the registry's paired bootstrap test, on the same
+sentences (delta, 95% interval, p-value).
 
     python benchmarks/score.py models/seq2seq/model.pt .vamos/checkpoints/*/best.pt
     python benchmarks/score.py model.pt --split valid --set evaluate.beam_size=10"""
@@ -17,6 +19,7 @@ from common import params_with  # noqa: E402
 from pipeline.data import load_split  # noqa: E402
 from pipeline.evaluate import detokenize_all, score, translate_split  # noqa: E402
 from pipeline.model import load_translator  # noqa: E402
+from pipeline.registry import paired_bootstrap  # noqa: E402
 from pipeline.train import pick_device  # noqa: E402
 
 
@@ -27,12 +30,30 @@ def main(models: list[Path], split: str = "test", data: Path = Path("data/prepar
     references = frame["tgt"].tolist()
     print(f"| model | {split} sentences | BLEU (beam {params.evaluate.beam_size}) | chrF | greedy BLEU |")
     print("|---|---|---|---|---|")
+    outputs = []
     for path in models:
         translator = load_translator(path, pick_device(params.train.device))
-        beam = score(detokenize_all(translator, translate_split(translator, frame, params.evaluate)), references)
+        outputs.append(detokenize_all(translator, translate_split(translator, frame, params.evaluate)))
+        beam = score(outputs[-1], references)
         greedy = score(detokenize_all(translator, translate_split(translator, frame, params.evaluate, beam_size=1)),
                        references)
         print(f"| {path} | {len(frame)} | {beam['bleu']:.2f} | {beam['chrf']:.2f} | {greedy['bleu']:.2f} |", flush=True)
+    if len(models) > 1:
+        print_paired(models, outputs, references, params)
+
+
+def print_paired(models: list[Path], outputs: list[list[str]], references: list[str], params) -> None:
+    """Each model's beam output against the first model's, as `register` compares a new model
+    with the champion (same resamples for every model)."""
+    cfg = params.register
+    print(f"\nAgainst {models[0]} (paired bootstrap, {cfg.bootstrap_samples} samples):\n")
+    print("| model | metric | delta | 95% interval | p |")
+    print("|---|---|---|---|---|")
+    for path, output in zip(models[1:], outputs[1:]):
+        for metric in cfg.directions:
+            test = paired_bootstrap(metric, output, outputs[0], references, cfg.bootstrap_samples, params.seed)
+            low, high = test["delta_95ci"]
+            print(f"| {path} | {metric} | {test['delta']:+.2f} | [{low:+.2f}, {high:+.2f}] | {test['p_value']:.3f} |")
 
 
 if __name__ == "__main__":
