@@ -43,17 +43,18 @@ def main(models: list[Path], split: str = "test", data: Path = Path("data/prepar
 
 
 def print_paired(models: list[Path], outputs: list[list[str]], references: list[str], params) -> None:
-    """Each model's beam output against the first model's, as `register` compares a new model
-    with the champion (same resamples for every model)."""
-    cfg = params.register
+    """Each model's beam output against the first model's by the paired bootstrap test that
+    `register` applies to its metric, here for every metric (same resamples for every model)."""
+    cfg = params.registry
     print(f"\nAgainst {models[0]} (paired bootstrap, {cfg.bootstrap_samples} samples):\n")
-    print("| model | metric | delta | 95% interval | p |")
-    print("|---|---|---|---|---|")
+    print("| model | metric | delta | 95% interval | p | better is |")
+    print("|---|---|---|---|---|---|")
     for path, output in zip(models[1:], outputs[1:]):
-        for metric in cfg.directions:
+        for metric, direction in cfg.directions.items():
             test = paired_bootstrap(metric, output, outputs[0], references, cfg.bootstrap_samples, params.seed)
             low, high = test["delta_95ci"]
-            print(f"| {path} | {metric} | {test['delta']:+.2f} | [{low:+.2f}, {high:+.2f}] | {test['p_value']:.3f} |")
+            print(f"| {path} | {metric} | {test['delta']:+.2f} | [{low:+.2f}, {high:+.2f}] | {test['p_value']:.3f} "
+                  f"| {direction} |")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,8 @@ def test_word_dropout_turns_only_words_into_unk_and_draws_nothing_at_rate_zero()
     assert 0.2 < changed.float().sum() / 2000 < 0.3
     torch.manual_seed(0)
     assert torch.equal(drop_words(ids, 0.25), dropped)  # seeded: the same words each run
+    specials = torch.tensor([PAD_ID, UNK_ID, SOS_ID, EOS_ID] * 500)
+    assert torch.equal(drop_words(specials, 0.99), specials)  # never a special token, even at 0.99
 
 
 def test_learning_rate_schedules():

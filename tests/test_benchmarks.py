@@ -1,0 +1,28 @@
+"""benchmarks/score.py's paired comparison, on outputs the test writes (the decoding it shares
+with `evaluate` is tested there)."""
+import sys
+from pathlib import Path
+
+from pipeline.config import Params
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from score import print_paired  # noqa: E402
+
+REFERENCES = ["the cat sat on the mat .", "a dog ran in the park .", "he went home late ."] * 10
+
+
+def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    return {(cells[0].strip(), cells[1].strip()): [c.strip() for c in cells[2:]] for cells in rows[1:]}
+
+
+def test_each_model_is_compared_with_the_first_on_every_metric_with_its_direction(capsys):
+    worse = ["the cat sat .", "a dog ran .", "he went ."] * 10
+    print_paired([Path("first.pt"), Path("same.pt"), Path("worse.pt")], [REFERENCES, REFERENCES, worse],
+                 REFERENCES, Params.model_validate({"register": {"bootstrap_samples": 100}}))
+    rows = table_rows(capsys.readouterr().out)
+    assert set(rows) == {(model, metric) for model in ("same.pt", "worse.pt") for metric in ("bleu", "chrf", "ter")}
+    assert rows[("same.pt", "bleu")][0] == "+0.00" and float(rows[("same.pt", "bleu")][2]) == 1.0
+    assert float(rows[("worse.pt", "bleu")][0]) < -10 and float(rows[("worse.pt", "chrf")][0]) < -10
+    assert float(rows[("worse.pt", "ter")][0]) > 10  # a worse TER is higher: the column says which way is better
+    assert [rows[("worse.pt", metric)][3] for metric in ("bleu", "chrf", "ter")] == ["higher", "higher", "lower"]
