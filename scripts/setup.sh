@@ -21,6 +21,8 @@ fi
 # torch first, pinned to the version this project is tested with (a CPU build where the pip index
 # offers one; PyPI's default Linux wheel is the CUDA build). A machine with a GPU can install its
 # own CUDA build of torch before running this: the project only asks for torch>=2.4.
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+# Every other package at the version that made the committed dvc.lock (constraints.txt): a newer
+# numpy or scipy changes the word2vec vectors' last bits, and every md5 from embed on.
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 echo "vamos is set up in .venv (activate it with: . .venv/bin/activate)"
