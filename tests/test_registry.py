@@ -120,7 +120,9 @@ def test_a_model_from_a_dvc_experiment_never_becomes_champion(trained_copy, monk
     client = MlflowClient()
     client.set_registered_model_alias(NAME, CHAMPION, "2")
     monkeypatch.setenv("DVC_EXP_NAME", "bigger-model")  # what `dvc exp run` sets for its stages
-    record = register(params, MODEL_FILE, run_id, test)  # better, but its params are not committed
+    # better (any gain promotes, so that only the experiment rule can hold it back), but its params
+    # are not committed
+    record = register(any_gain_promotes(params), MODEL_FILE, run_id, test)
     assert record["alias"] == CHALLENGER and "DVC experiment 'bigger-model'" in record["reason"]
     assert int(client.get_model_version_by_alias(NAME, CHAMPION).version) == 2
     monkeypatch.delenv("DVC_EXP_NAME")  # committed and run again: decided anew, not the experiment's record
