@@ -10,16 +10,11 @@ from pipeline.train import initial_model, keep_freed_memory, pick_device
 
 
 def params_with(overrides: list[str]) -> Params:
-    """params.yaml with `section.key=value` overrides (YAML values), validated."""
-    raw = load_params().model_dump(by_alias=True)
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[leaf] = yaml.safe_load(value)
-    return Params.model_validate(raw)
+    """params.yaml with `section.key=value` overrides (YAML values), validated (pipeline/config.py's params_with)."""
+    from pipeline import config
+
+    pairs = (item.split("=", 1) for item in overrides)
+    return config.params_with(config.PARAMS_FILE, {key: yaml.safe_load(value) for key, value in pairs})
 
 
 def setup(params: Params):

@@ -1,8 +1,10 @@
 """Typed, validated params.yaml: every knob of every stage, checked before any work starts."""
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -275,3 +277,42 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         return Params.model_validate(raw)
     except ValidationError as e:
         raise ParamsError(f"{path}: invalid params\n{_describe(e)}") from None
+
+
+def params_with(path: str | Path, overrides: Mapping[str, Any] | None) -> Params:
+    """params.yaml with `{"section.key": value}` overrides applied, validated; ParamsError names a
+    bad key, of the file or of the overrides. A key may be one that the file leaves at its default."""
+    params = load_params(path)
+    if not overrides:
+        return params
+    raw = params.model_dump(by_alias=True)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"override {key!r}: {'.'.join(parents)} is not a section of {path}")
+            node = node[part]
+        if leaf not in node:
+            raise ParamsError(f"override {key!r}: no such param in {path}")
+        node[leaf] = value
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"overrides {dict(overrides)}: invalid params\n{_describe(e)}") from None
+
+
+def dvc_set_args(overrides: Mapping[str, Any]) -> list[str]:
+    """The overrides as `dvc exp run -S` values, which DVC writes into params.yaml (`++key=` sets a
+    key, also one that the file or a dict lacks)."""
+    return [f"++{key}={_hydra_value(value)}" for key, value in overrides.items()]
+
+
+def _hydra_value(value: Any) -> str:
+    """A param value in the override grammar of `dvc exp run -S` (Hydra's): JSON, but with dict keys
+    unquoted, which Hydra would read as one string."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_hydra_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_hydra_value(item) for item in value) + "]"
+    return json.dumps(value)

@@ -3,9 +3,14 @@ with `evaluate` is tested there)."""
 import sys
 from pathlib import Path
 
-from pipeline.config import Params
+import pytest
+import yaml
+
+from pipeline.config import Params, ParamsError
+from tests.conftest import small_params
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from common import params_with  # noqa: E402
 from score import print_paired  # noqa: E402
 
 REFERENCES = ["the cat sat on the mat .", "a dog ran in the park .", "he went home late ."] * 10
@@ -26,3 +31,14 @@ def test_each_model_is_compared_with_the_first_on_every_metric_with_its_directio
     assert float(rows[("worse.pt", "bleu")][0]) < -10 and float(rows[("worse.pt", "chrf")][0]) < -10
     assert float(rows[("worse.pt", "ter")][0]) > 10  # a worse TER is higher: the column says which way is better
     assert [rows[("worse.pt", metric)][3] for metric in ("bleu", "chrf", "ter")] == ["higher", "higher", "lower"]
+
+
+def test_set_overrides_are_yaml_values_checked_as_the_flows_are(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
+    monkeypatch.chdir(tmp_path)
+    params = params_with(["train.hidden_size=64", "train.max_minutes=null", "flow.retry_delays_seconds=[1, 2.5]",
+                          "train.lr_schedule=cosine"])
+    assert (params.train.hidden_size, params.train.max_minutes, params.train.lr_schedule) == (64, None, "cosine")
+    assert params.flow.retry_delays_seconds == [1, 2.5]
+    with pytest.raises(ParamsError, match=r"train\.hiden_size"):
+        params_with(["train.hiden_size=64"])

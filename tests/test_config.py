@@ -1,9 +1,11 @@
+import re
+
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ParamsError, load_params
+from pipeline.config import ParamsError, dvc_set_args, load_params, params_with
 from tests.conftest import REPO, small_params
 
 
@@ -79,3 +81,43 @@ def test_stage_rejects_bad_params_before_any_work(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "embed.sg" in result.output
     assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
+
+
+def test_params_with_applies_good_overrides_and_names_a_bad_key(tmp_path):
+    params = small_params()
+    del params["train"]["max_steps"]  # a key the file leaves at its default may still be set
+    path = write(tmp_path, params)
+    assert params_with(path, None) == load_params(path)
+    changed = params_with(path, {"train.hidden_size": 64, "train.max_steps": 5, "flow.stage_timeouts": {"train": 9}})
+    assert (changed.train.hidden_size, changed.train.max_steps, changed.flow.stage_timeouts) == (64, 5, {"train": 9})
+    assert changed.train.lr == load_params(path).train.lr  # the rest as the file says
+    for overrides, named, why in (({"train.hiden_size": 64}, "train.hiden_size", "no such param"),
+                                  ({"trian.hidden_size": 64}, "trian.hidden_size", "trian is not a section"),
+                                  ({"train.hidden_size": 1}, "train.hidden_size", "invalid params")):
+        with pytest.raises(ParamsError, match=why) as error:
+            params_with(path, overrides)
+        assert error.match(re.escape(named))
+
+
+def test_a_bad_key_of_the_file_is_named_before_any_override(tmp_path):
+    params = small_params()
+    params["train"]["hiden_size"] = 10
+    with pytest.raises(ParamsError, match=r"train\.hiden_size"):
+        params_with(write(tmp_path, params), {"train.hidden_size": 64})
+
+
+def test_overrides_of_every_type_reach_params_yaml_through_dvcs_set_param_grammar(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"flow": {"stage_timeouts": {}, "retry_delays_seconds": [1]},
+                                      "train": {"hidden_size": 256, "max_minutes": 3, "lr_schedule": "plateau",
+                                                "lexicon": True}}))
+    overrides = {"flow.stage_timeouts": {"embed": 20, "train": 90.5}, "flow.retry_delays_seconds": [5, 10],
+                 "train.hidden_size": 512, "train.max_minutes": None, "train.lr_schedule": "cosine",
+                 "train.lexicon": False}
+    apply_overrides(str(params), dvc_set_args(overrides))
+    written = yaml.safe_load(params.read_text())
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        assert written[section][leaf] == value

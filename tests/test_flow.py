@@ -2,6 +2,7 @@
 scheduled run must survive, with real processes (DVC, `vamos` stages, SQLite, signals)."""
 import asyncio
 import json
+import logging
 import random
 import shutil
 import signal
@@ -17,7 +18,8 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline_flow import dvc_stages, hydra_value, vamos_pipeline
+from flows.pipeline_flow import dvc_stages, vamos_pipeline
+from flows.supervision import stream
 from pipeline.stages import STAGES
 from tests.conftest import make_dvc_repo, run
 
@@ -392,18 +394,12 @@ def test_a_dvc_lock_held_by_another_process_is_retried(prefect_server, tmp_path,
     assert task_run.run_count >= 2 and (repo / "attempts").read_text() == "1"
 
 
-def test_overrides_of_every_type_reach_params_yaml_through_dvcs_set_param_grammar(tmp_path):
-    from dvc.utils.hydra import apply_overrides
-
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"flow": {"stage_timeouts": {}, "retry_delays_seconds": [1]},
-                                      "train": {"hidden_size": 256, "max_minutes": 3, "lr_schedule": "plateau",
-                                                "lexicon": True}}))
-    overrides = {"flow.stage_timeouts": {"embed": 20, "train": 90.5}, "flow.retry_delays_seconds": [5, 10],
-                 "train.hidden_size": 512, "train.max_minutes": None, "train.lr_schedule": "cosine",
-                 "train.lexicon": False}
-    apply_overrides(str(params), [f"++{key}={hydra_value(value)}" for key, value in overrides.items()])
-    written = yaml.safe_load(params.read_text())
-    for key, value in overrides.items():
-        section, leaf = key.split(".")
-        assert written[section][leaf] == value
+def test_a_timeout_kills_the_group_when_its_leader_exits_first_leaving_a_child_on_the_pipe(tmp_path):
+    """The stage runner can die before `vamos train`, which keeps the output pipe open: the timeout
+    still kills the group, and the call returns on time rather than when the orphan ends."""
+    started = time.monotonic()
+    code, timed_out, tail = stream(["sh", "-c", "sleep 60 & echo $!"], str(tmp_path), 1, logging.getLogger("test"))
+    assert time.monotonic() - started < 15
+    assert timed_out and code == 0  # the leader exited by itself; the group outlived it
+    orphan = int(tail.splitlines()[-1])
+    assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
