@@ -22,8 +22,10 @@ class Hypothesis:
     score: float
 
 
-# Never trained as outputs (sampled softmax draws from id 4 up) and never meaningful: a <pad> would
-# end the sentence and both would shift the word-to-attention index unknown-word replacement uses.
+# Never a training target, only ever among the softmax's other words (sampled softmax adds both to
+# every candidate set and draws from all other ids, <unk> and <eos> included). Never meaningful either:
+# a <pad> would end the sentence and both would shift the word-to-attention index unknown-word
+# replacement uses.
 NEVER_EMITTED = (PAD_ID, SOS_ID)
 
 

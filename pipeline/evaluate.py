@@ -48,7 +48,9 @@ def plot_attention(source: list[str], output: list[str], attention: np.ndarray, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = len(output) + 1  # the last row is the attention when <eos> was produced
+    # A search keeps one attention row per output word and none for <eos> (Hypothesis.attention), so
+    # the slice takes every row there is and an "<eos>" label is drawn only for a matrix that has that row.
+    rows = len(output) + 1
     weights = attention[:rows, : len(source)]
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(source) + 2), max(3, 0.35 * rows + 1.5)))
     ax.imshow(weights, cmap="viridis", aspect="auto", vmin=0, vmax=1)

@@ -110,11 +110,21 @@ def test_length_penalty_grows_with_length_and_alpha_favours_longer_outputs():
     assert beam_search(model, src, src_len, beam_size=3, alpha=1.0)[0].tokens == [y, z, w]
 
 
-def test_beam_of_one_is_greedy():
-    model = make_model()
-    src, src_len = source_batch()
-    greedy = greedy_search(model, src, src_len)
-    assert [h.tokens for h in greedy] == [h.tokens for h in beam_search(model, src, src_len, beam_size=1)]
+def test_beam_code_with_a_beam_of_one_is_greedy():
+    """search_beams itself: beam_search hands a beam of one to greedy_search, so through it this
+    would compare greedy with itself. At alpha 0 the scores are unnormalised, as greedy's."""
+    x, y, z, w = 4, 5, 6, 7
+    # Normalised (alpha 1), a beam of three finds [y z w]; one beam keeps only the likelier first word.
+    ends_early = bigram(8, {SOS_ID: {x: 0.45, y: 0.42, EOS_ID: 0.13}, x: {EOS_ID: 1.0}, y: {z: 1.0},
+                            z: {w: 1.0}, w: {EOS_ID: 1.0}})
+    assert search_beams(ends_early, *one_word_source(), beam_size=3, alpha=1.0)[0].tokens == [y, z, w]
+    for model, (src, src_len) in ((ends_early, one_word_source()), (make_model(), source_batch())):
+        greedy = greedy_search(model, src, src_len)
+        beam = search_beams(model, src, src_len, beam_size=1, alpha=0.0)
+        assert [h.tokens for h in beam] == [h.tokens for h in greedy]
+        assert [h.score for h in beam] == pytest.approx([h.score for h in greedy], abs=1e-5)
+        for b, g in zip(beam, greedy):
+            assert np.allclose(b.attention, g.attention, atol=1e-6)
 
 
 def test_beam_hypotheses_are_well_formed():
