@@ -20,7 +20,7 @@ from pipeline.data import load_split  # noqa: E402
 from pipeline.evaluate import detokenize_all, score, translate_split  # noqa: E402
 from pipeline.model import load_translator  # noqa: E402
 from pipeline.registry import paired_bootstrap  # noqa: E402
-from pipeline.train import pick_device  # noqa: E402
+from pipeline.device import pick_device  # noqa: E402
 
 
 def main(models: list[Path], split: str = "test", data: Path = Path("data/prepared"),

@@ -66,6 +66,8 @@ def is_temporary(error: BaseException) -> bool:
     TEMPORARILY_UNAVAILABLE, DVC's LockError, a file lock's timeout."""
     import sqlite3
 
+    from filelock import Timeout  # its module moved in filelock 4 (filelock._error -> filelock._core._errors)
+
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -77,7 +79,7 @@ def is_temporary(error: BaseException) -> bool:
         if getattr(error, "error_code", None) == "TEMPORARILY_UNAVAILABLE":  # MlflowException
             return True
         kind = f"{type(error).__module__}.{type(error).__qualname__}"
-        if kind in ("dvc.lock.LockError", "filelock._error.Timeout", "zc.lockfile.LockError"):
+        if isinstance(error, Timeout) or kind in ("dvc.lock.LockError", "zc.lockfile.LockError"):
             return True
         orig = getattr(error, "orig", None)  # sqlalchemy.exc.DBAPIError holds the driver's exception
         error = orig if isinstance(orig, BaseException) and id(orig) not in seen else (error.__cause__ or error.__context__)

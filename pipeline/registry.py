@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,12 +25,14 @@ import pandas as pd
 from pipeline import storage
 from pipeline.storage import file_md5
 from pipeline.config import Params
-from pipeline.tracking import dvc_hashes, experiment_name, git_commit, mlflow_setup
+from pipeline.tracking import dvc_hashes, experiment_name, git_commit, mlflow_setup, workspace_root
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOCK_ARTIFACT = "restore/dvc.lock"  # the run's dvc.lock: which data, embeddings and model to pull
+# Past it, filelock's Timeout: `vamos register` exits 75 (EX_TEMPFAIL) and the flow retries it later.
+REGISTER_WAIT_SECONDS = 30 * 60
 
 
 def test_set_sha256(frame: pd.DataFrame) -> str:
@@ -103,7 +106,7 @@ def model_checkpoint(model_uri: str, dst: Path) -> Path:
 def test_translations(params: Params, checkpoint: Path, test: pd.DataFrame) -> list[str]:
     from pipeline.evaluate import detokenize_all, translate_split
     from pipeline.model import load_translator
-    from pipeline.train import pick_device
+    from pipeline.device import pick_device
 
     translator = load_translator(checkpoint, pick_device(params.train.device))
     return detokenize_all(translator, translate_split(translator, test, params.evaluate))
@@ -230,9 +233,37 @@ def compare_with_champion(params: Params, model_file: Path, champion, test: pd.D
     return comparison["new"], comparison
 
 
+@contextmanager
+def one_register_at_a_time():
+    """Held while a registration finds or makes its version and moves the aliases. `dvc queue
+    start -j 2` runs two at once, and MLflow does neither step atomically: both could miss the
+    version the other is making and make two, and two moves of one alias fail on a unique
+    constraint. Queued experiments run in copies under .dvc/tmp/exps/: the lock file is in the
+    workspace they share."""
+    from filelock import FileLock, Timeout
+
+    path = workspace_root() / ".vamos" / "register.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=REGISTER_WAIT_SECONDS)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another `vamos register` to finish (%s)", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame) -> dict:
     """Register the model (or find it registered), compare it with the champion, set its alias.
     Returns the record that also goes to the version's description, its run and registry.json."""
+    with one_register_at_a_time():
+        return _register(params, model_file, run_id, test)
+
+
+def _register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame) -> dict:
     from mlflow import MlflowClient
 
     cfg = params.registry

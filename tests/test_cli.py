@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli import app, is_temporary
 from pipeline.config import load_params
 from pipeline.registry import register
 from pipeline.storage import read_json
@@ -102,3 +102,15 @@ def test_missing_input_is_a_clear_error(tmp_path, monkeypatch):
     result = runner.invoke(app, ["prepare"])
     assert result.exit_code == 2
     assert "pairs.parquet" in result.output
+
+
+def test_a_file_lock_held_elsewhere_is_a_temporary_failure(tmp_path):
+    """As when `vamos register` waits too long for another's lock: exit 75, retried."""
+    from filelock import FileLock, Timeout
+
+    with FileLock(tmp_path / "register.lock"):
+        with pytest.raises(Timeout) as waited:
+            FileLock(tmp_path / "register.lock").acquire(timeout=0)
+    wrapped = RuntimeError("register failed")
+    wrapped.__cause__ = waited.value
+    assert is_temporary(waited.value) and is_temporary(wrapped)

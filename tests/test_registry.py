@@ -1,6 +1,9 @@
 """Registration and promotion against a real MLflow store: fair comparison on the current test
 split, a margin and a significance test, idempotent retries, hand-moved aliases respected."""
 import json
+import multiprocessing
+import os
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -181,3 +184,33 @@ def test_the_champions_weights_with_new_settings_become_champion(trained_copy):
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}")
     with pytest.raises(Exception, match="the limit is 8"):  # its own limit, not the first version's
         model.predict([f"The red dog sleeps {i}." for i in range(9)])
+
+
+def register_when_released(root: str, tracking_uri: str, barrier, versions) -> None:
+    """`register` of root/broken.pt in a process of its own, started at the barrier with another."""
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    barrier.wait()
+    versions.put(register(params, Path("broken.pt"), run_id, test)["version"])
+
+
+def test_two_registrations_at_once_make_one_version(trained_copy):
+    """As `dvc queue start -j 2` may: both processes look for the version before either makes it."""
+    broken_model(trained_copy)
+    spawn = multiprocessing.get_context("spawn")
+    barrier, versions = spawn.Barrier(2), spawn.Queue()
+    racers = [spawn.Process(target=register_when_released,
+                            args=(str(trained_copy), os.environ["MLFLOW_TRACKING_URI"], barrier, versions))
+              for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=600)
+        assert racer.exitcode == 0
+    first, second = versions.get(timeout=5), versions.get(timeout=5)
+    client = MlflowClient()
+    key = client.get_model_version(NAME, str(first)).tags["model_key"]
+    keyed = [int(v.version) for v in client.search_model_versions(f"name='{NAME}'") if v.tags.get("model_key") == key]
+    assert first == second and keyed == [first]
