@@ -49,20 +49,30 @@ def _pull_version(registered, into: Path) -> tuple[str, str]:
     return md5, remote
 
 
+def check_lock_logged(client, registered, what: str) -> None:
+    """The run's dvc.lock says which data and model to pull; `register` logs it only where one exists."""
+    logged = {f.path for f in client.list_artifacts(registered.run_id, str(Path(LOCK_ARTIFACT).parent))}
+    if LOCK_ARTIFACT not in logged:
+        raise RestoreError(f"{what} cannot be restored: it was registered where no dvc.lock existed (run "
+                           f"{registered.run_id} has no {LOCK_ARTIFACT}), so nothing records which data and model "
+                           "to pull; versions registered by `dvc repro` or the Prefect flow have one")
+
+
 def restore(params: Params, version: int, into: Path) -> dict:
     """Check out version `version` of the registered model into a clean git worktree at `into`."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     mlflow_setup()
-    name = params.registry.model_name
+    name, client = params.registry.model_name, MlflowClient()
     try:
-        registered = MlflowClient().get_model_version(name, str(version))
+        registered = client.get_model_version(name, str(version))
     except MlflowException as e:
         raise RestoreError(f"{name} version {version}: not in the registry ({e.message})") from None
     tags = registered.tags
     if tags.get("git_commit", "unknown") == "unknown" or "model_md5" not in tags:
         raise RestoreError(f"{name} version {version} was registered without a git commit or model md5")
+    check_lock_logged(client, registered, f"{name} version {version}")
     into = into.resolve()
     if into.exists() and any(into.iterdir()):
         raise RestoreError(f"{into} exists and is not empty")

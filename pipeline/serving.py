@@ -243,9 +243,14 @@ def model_uri(spec: str, model_name: str) -> str:
 def open_translator(spec: str, params: Params) -> TranslatorModel:
     """The translator that `spec` names: a model.pt file, or a model in the MLflow registry."""
     if spec.endswith(".pt"):
+        from pipeline.model import NotAModel
+
         if not Path(spec).is_file():
             raise ModelNotFound(f"no such model file: {spec}")
-        return load_checkpoint(spec, params)
+        try:
+            return load_checkpoint(spec, params)
+        except NotAModel as e:  # a training checkpoint, say
+            raise ModelNotFound(str(e)) from None
     return _load_registered(model_uri(spec, params.registry.model_name), params.registry.model_name)
 
 

@@ -2,13 +2,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from pipeline.cli import app, is_temporary
 from pipeline.config import load_params
 from pipeline.registry import register
 from pipeline.storage import read_json
-from tests.conftest import ADJECTIVES, NOUNS, VERBS, broken_model
+from tests.conftest import ADJECTIVES, NOUNS, VERBS, broken_model, run
 
 runner = CliRunner()
 
@@ -79,6 +80,29 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(trained_copy, args, stdin, 
         else translate(*args, input=stdin)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_training_checkpoint_is_refused_as_a_model_with_exit_code_2(trained_copy):
+    [checkpoint] = Path(".vamos/checkpoints").glob("*/last.pt")
+    result = translate("--model", str(checkpoint), "The red dog sleeps.")
+    assert result.exit_code == 2, result.output
+    assert f"{checkpoint} is a training checkpoint" in result.output and MODEL_FILE in result.output
+    assert "Traceback" not in result.output
+
+
+def test_restoring_a_version_registered_without_a_dvc_lock_is_a_clear_error(trained_copy):
+    """The tiny project's stages ran without DVC, so version 1's run logged no dvc.lock. Its
+    checkout is made a git repository and the version tagged with its commit, as from `dvc repro`."""
+    email, name = "user.email=t@t", "user.name=t"
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "-c", email, "-c", name, "commit", "-qm", "p"]):
+        assert run(cmd, trained_copy).returncode == 0
+    commit = run(["git", "rev-parse", "HEAD"], trained_copy).stdout.strip()
+    MlflowClient().set_model_version_tag("vamos-en-es", "1", "git_commit", commit)
+    into = trained_copy.parent / "v1"
+    result = runner.invoke(app, ["restore", "1", "--into", str(into)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "dvc.lock" in result.output and "Traceback" not in result.output
+    assert not into.exists()  # nothing left behind: the same command can run again once it can work
 
 
 def test_translate_without_a_registered_model_explains(tmp_path, monkeypatch, mlflow_store):

@@ -11,7 +11,14 @@ from pipeline import storage
 from pipeline.model.seq2seq import ModelConfig, Seq2Seq
 from pipeline.text import Tokenizer, Vocab
 
-__all__ = ["ModelConfig", "Seq2Seq", "save_model", "load_model", "load_translator"]
+__all__ = ["ModelConfig", "Seq2Seq", "NotAModel", "save_model", "load_model", "load_translator"]
+
+# What train.save_checkpoint writes (last.pt, to resume training) in place of a saved model's keys.
+TRAINING_CHECKPOINT_KEYS = {"model", "optimizer", "progress", "rng"}
+
+
+class NotAModel(ValueError):
+    """A file that torch loads but that holds no saved model; the message names the file."""
 
 
 def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vocab, src_tok: Tokenizer,
@@ -37,10 +44,21 @@ def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vo
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, src_vocab, tgt_vocab, src_tokenizer, tgt_tokenizer) from a saved bundle."""
     bundle = torch.load(path, map_location=device, weights_only=True)
+    check_is_model(path, bundle)
     model = Seq2Seq(ModelConfig(**bundle["config"]))
     model.load_state_dict(bundle["state_dict"])
     return (model.to(device).eval(), Vocab(bundle["src_vocab"]), Vocab(bundle["tgt_vocab"]),
             tokenizer_of(bundle["src_tokenizer"]), tokenizer_of(bundle["tgt_tokenizer"]))
+
+
+def check_is_model(path: str | Path, bundle) -> None:
+    """A training checkpoint loads as well as a model does, and then lacks the model's keys."""
+    if isinstance(bundle, dict) and "config" in bundle:
+        return
+    if isinstance(bundle, dict) and TRAINING_CHECKPOINT_KEYS <= bundle.keys():
+        raise NotAModel(f"{path} is a training checkpoint (weights, optimizer and progress, to resume training), "
+                        "not a saved model: use models/seq2seq/model.pt or the best.pt beside it")
+    raise NotAModel(f"{path} is not a saved vamos model (it holds no model config): use models/seq2seq/model.pt")
 
 
 def tokenizer_settings(tok: Tokenizer) -> dict:
