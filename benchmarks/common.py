@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline.config import Params, load_params
+from pipeline import config
+from pipeline.config import Params
 from pipeline.data import load_corpus, load_split, load_vocabs
+from pipeline.device import keep_freed_memory, pick_device
 from pipeline.storage import EMBEDDINGS, MODEL_FILE
-from pipeline.train import initial_model, keep_freed_memory, pick_device
+from pipeline.train import initial_model
 
 
 def params_with(overrides: list[str]) -> Params:
     """params.yaml with `section.key=value` overrides (YAML values), validated (pipeline/config.py's params_with)."""
-    from pipeline import config
-
     pairs = (item.split("=", 1) for item in overrides)
     return config.params_with(config.PARAMS_FILE, {key: yaml.safe_load(value) for key, value in pairs})
 

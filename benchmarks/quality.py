@@ -20,7 +20,9 @@ from common import params_with, setup  # noqa: E402
 
 from pipeline.data import ParallelData  # noqa: E402
 from pipeline.decode import Translator  # noqa: E402
-from pipeline.train import ValidationSet, learning_rate, planned_steps, train_step, validation_bleu  # noqa: E402
+from pipeline.schedule import learning_rate, planned_steps  # noqa: E402
+from pipeline.train import train_step  # noqa: E402
+from pipeline.validation import ValidationSet, validation_bleu  # noqa: E402
 from pipeline.text import tokenizers  # noqa: E402
 
 

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import decoding_setup, params_with, setup  # noqa: E402
 
 from pipeline import storage  # noqa: E402
-from pipeline.text import EOS_ID  # noqa: E402
-from pipeline.train import has_bf16, peak_memory_mb, tokenizers, train_step  # noqa: E402
+from pipeline.device import has_bf16, peak_memory_mb  # noqa: E402
+from pipeline.text import EOS_ID, tokenizers  # noqa: E402
+from pipeline.train import train_step  # noqa: E402
 
 WARMUP = 3
 

@@ -37,15 +37,14 @@ def _stderr_console():
 
 
 def _run_stage(name: str, params_file: Path) -> None:
-    from pipeline.config import ParamsError, load_params
-    from pipeline.corpus import CorpusError
+    from pipeline.config import InputError, load_params
     from pipeline.stages import STAGES
 
     _setup_logging()
     try:
         params = load_params(params_file)
         STAGES[name](params)
-    except (ParamsError, CorpusError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError) as e:
         _stderr_console().print(f"[bold red]vamos {name}: error:[/] {e}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception as e:  # noqa: BLE001 - every other failure leaves with its traceback and a code by cause

@@ -13,7 +13,12 @@ PARAMS_FILE = Path("params.yaml")
 METRICS = ("bleu", "chrf", "ter")  # what evaluate and register score, all with sacrebleu
 
 
-class ParamsError(ValueError):
+class InputError(ValueError):
+    """Bad params or bad input: the message names the key, the file or the line. `vamos <stage>`
+    exits 2 with it, and the flow does not retry (the same input fails alike)."""
+
+
+class ParamsError(InputError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
 
 

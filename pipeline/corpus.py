@@ -16,14 +16,14 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.align import align_verses
-from pipeline.config import FolderSource, Source, SwordSource, TableSource, TextPairSource, TsvSource
+from pipeline.config import FolderSource, InputError, Source, SwordSource, TableSource, TextPairSource, TsvSource
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["id", "origin", "src", "tgt"]
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """A source cannot be read at all; the message names the file (and line)."""
 
 

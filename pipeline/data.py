@@ -12,15 +12,8 @@ import torch
 from pipeline import storage
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, Vocab
 
-SPLITS = ("train", "valid", "test")
-
-
-def split_path(split: str, root: Path = storage.PREPARED) -> Path:
-    return root / f"{split}.parquet"
-
-
 def load_split(split: str, root: Path = storage.PREPARED) -> pd.DataFrame:
-    return pd.read_parquet(split_path(split, root))
+    return pd.read_parquet(storage.split_path(split, root))
 
 
 def load_vocabs(root: Path = storage.PREPARED) -> tuple[Vocab, Vocab]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.precision import has_bf16
+from pipeline.device import has_bf16
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.device import generator_state
+
 log = logging.getLogger(__name__)
 
 # Rank 0 validates (greedy BLEU), and at the end averages checkpoints and builds the lexicon over
@@ -159,8 +161,5 @@ def shared_generator(device: torch.device) -> torch.Generator:
     the model's initialisation, the same on every rank): in one process the negatives come from
     the default generator, so with dropout 0 DDP draws the same negatives as one process."""
     generator = torch.Generator(device=device)
-    if device.type == "cuda":
-        generator.set_state(torch.cuda.get_rng_state(device))
-    else:
-        generator.set_state(torch.get_rng_state())
+    generator.set_state(generator_state(device))
     return generator

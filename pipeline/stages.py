@@ -12,8 +12,7 @@ from rich.table import Table
 
 from pipeline import storage
 from pipeline.config import PARAMS_FILE, Params, ParamsError
-from pipeline.data import SPLITS, split_path
-from pipeline.text import SUBWORD_FILE, Vocab, train_subwords, word_tokenizers
+from pipeline.storage import SPLITS, split_path
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,8 @@ def check_subword_vocab(sentences, vocab_size: int, side: str) -> None:
 
 
 def prepare(params: Params) -> dict:
+    from pipeline.text import SUBWORD_FILE, Vocab, train_subwords, word_tokenizers
+
     cfg = params.prepare
     pairs = pd.read_parquet(storage.RAW_PAIRS)
     src_tok, tgt_tok = word_tokenizers(params)
@@ -140,7 +141,8 @@ def embed(params: Params) -> dict:
 
 
 def train(params: Params) -> dict:
-    from pipeline.train import keep_freed_memory, pick_device, train as run_training
+    from pipeline.device import keep_freed_memory, pick_device
+    from pipeline.train import train as run_training
 
     if pick_device(params.train.device).type == "cpu":
         keep_freed_memory()
@@ -172,8 +174,8 @@ def model_run_id(params: Params) -> str:
 def evaluate(params: Params) -> dict:
     from pipeline.evaluate import evaluate as run_evaluation
     from pipeline.model import load_translator
+    from pipeline.device import pick_device
     from pipeline.tracking import mlflow_setup
-    from pipeline.train import pick_device
 
     translator = load_translator(storage.MODEL_FILE, pick_device(params.train.device))
     metrics = run_evaluation(translator, pd.read_parquet(split_path("test")), params.evaluate, storage.REPORTS)

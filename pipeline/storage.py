@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 RAW_PAIRS = Path("data/raw/pairs.parquet")
 PREPARED = Path("data/prepared")
+SPLITS = ("train", "valid", "test")
 EMBEDDINGS = Path("models/embeddings")
 SEQ2SEQ = Path("models/seq2seq")
 MODEL_FILE = SEQ2SEQ / "model.pt"
@@ -23,6 +24,10 @@ RUN_FILE = Path(".vamos/run.json")
 CHECKPOINTS = Path(".vamos/checkpoints")
 REPORTS = Path("reports")
 PLOTS = REPORTS / "plots"
+
+
+def split_path(split: str, root: Path = PREPARED) -> Path:
+    return root / f"{split}.parquet"
 
 
 @contextmanager

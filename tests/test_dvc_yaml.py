@@ -78,6 +78,22 @@ def test_stage_lists_all_the_code_it_runs(stage, tmp_path):
     assert not missing, f"dvc.yaml stage {stage!r} runs these files but does not list them in deps: {missing}"
 
 
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != "register"])
+def test_stage_lists_no_code_it_does_not_run(stage, tmp_path):
+    """An extra module in a stage's deps reruns the stage for edits that cannot change its outputs
+    (evaluate used to rerun for every edit of the training code)."""
+    code = [d for d in DVC_YAML["stages"][stage].get("deps", []) if d.startswith("pipeline")]
+    run = files_run_by(stage, tmp_path)
+    extra = sorted(d for d in code if not any(covered(p, [d]) for p in run))
+    assert not extra, f"dvc.yaml stage {stage!r} lists code it does not run: {extra}"
+
+
+def test_evaluation_does_not_depend_on_the_training_code(tmp_path):
+    training = {"pipeline/train.py", "pipeline/loss.py", "pipeline/schedule.py", "pipeline/checkpoint.py"}
+    assert not training & files_run_by("evaluate", tmp_path)
+    assert not training & set(DVC_YAML["stages"]["evaluate"]["deps"])
+
+
 def test_the_check_sees_lazy_imports(tmp_path):
     """The derivation itself: train's checkpoint selection decodes (a lazy chain through model/)."""
     files = files_run_by("train", tmp_path)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from pipeline.data import pad
 from pipeline.model import ModelConfig, Seq2Seq, load_model, save_model
 from pipeline.text import PAD_ID, SOS_ID, Tokenizer, Vocab
-from pipeline.train import sampled_logits, sequence_loss
+from pipeline.loss import sampled_logits, sequence_loss
 
 
 def make_model(attention="general", **kw) -> Seq2Seq:

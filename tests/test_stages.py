@@ -7,7 +7,7 @@ from collections import Counter
 
 import pandas as pd
 
-from pipeline.data import SPLITS
+from pipeline.storage import SPLITS
 from pipeline.embeddings import load_vectors
 from pipeline.evaluate import bleu_by_length
 from pipeline.stages import split_of

@@ -20,7 +20,8 @@ from pipeline.config import Params, load_params
 from pipeline.stages import embed, ingest, prepare
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK_ID
 from pipeline.data import load_corpus
-from pipeline.train import CODE, drop_words, fingerprint, learning_rate, planned_steps, should_stop_early, train
+from pipeline.schedule import learning_rate, planned_steps
+from pipeline.train import drop_words, train
 from tests.conftest import make_project, small_params
 
 MODEL = "models/seq2seq/model.pt"
@@ -136,6 +137,46 @@ def test_finished_training_rerun_restores_the_best_model(embedded, tmp_path, mon
     assert (root / MODEL).read_bytes() == written
 
 
+def test_a_resume_that_owes_a_validation_logs_no_speed_and_the_speed_is_weighted(
+        embedded, tmp_path, monkeypatch, mlflow_store):
+    """A run killed after its last update's checkpoint but before measuring it resumes by measuring:
+    that measurement trained nothing, so it logs no tokens/s (it used to log 0, which pulled down
+    train_speed.json's mean), and the speed is every update's tokens over their seconds."""
+    root = copy_of(embedded, tmp_path / "p")
+    run_train(root, monkeypatch, epochs=1, max_steps=6)
+    (path,) = root.glob(".vamos/checkpoints/*/last.pt")
+    state = torch.load(path, weights_only=True)
+    state["progress"]["history"].pop()  # as if killed between the last checkpoint and its validation
+    torch.save(state, path)
+    run_train(root, monkeypatch, epochs=1, max_steps=6)
+    progress = last_checkpoint(root)["progress"]
+    assert [h["tokens_per_sec"] is None for h in progress["history"]] == [True]
+    (run,) = runs(mlflow_store)
+    logged = MlflowClient(mlflow_store).get_metric_history(run.info.run_id, "tokens_per_sec")
+    assert [m.step for m in logged] == [6] and all(m.value > 0 for m in logged)  # the first run's, none since
+    speed = json.loads((root / "reports/train_speed.json").read_text())["tokens_per_sec"]
+    assert speed == round(progress["tokens_trained"] / progress["update_seconds"], 1) and speed > 0
+
+
+def test_a_run_records_its_host_and_its_data(embedded, tmp_path, monkeypatch, mlflow_store):
+    """Bit-identical training needs the same CPU model: the host goes into reports/train.json and
+    the MLflow run, with the libraries; the run's datasets are the splits, by their md5."""
+    root = copy_of(embedded, tmp_path / "p")
+    summary = run_train(root, monkeypatch, epochs=1, max_steps=3)
+    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("model name"))
+    assert summary["host"]["cpu"] == cpu and summary["host"]["gpu"] is None
+    assert json.loads((root / "reports/train.json").read_text())["host"] == summary["host"]
+    (run,) = runs(mlflow_store)
+    assert run.data.tags["host.cpu"] == cpu and run.data.tags["software.torch"] == torch.__version__
+    assert "software.numpy" in run.data.tags and "software.openblas_coretype" in run.data.tags
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "valid", "test"}
+    for split, dataset in inputs.items():
+        assert dataset.digest == storage.file_md5(root / f"data/prepared/{split}.parquet")
+        assert json.loads(dataset.source)["uri"].endswith(f"data/prepared/{split}.parquet")
+
+
 def test_a_wall_clock_stop_says_the_model_depends_on_the_machine(embedded, tmp_path, monkeypatch, mlflow_store,
                                                                    caplog):
     root = copy_of(embedded, tmp_path / "p")
@@ -218,17 +259,6 @@ def test_word_dropout_turns_only_words_into_unk_and_draws_nothing_at_rate_zero()
     assert torch.equal(drop_words(specials, 0.99), specials)  # never a special token, even at 0.99
 
 
-def test_learning_rate_schedules():
-    cfg = Params().train.model_copy(update={"lr": 1.0, "warmup_steps": 10})
-    assert learning_rate(cfg, 0, 100, 1.0) == pytest.approx(0.1)
-    assert learning_rate(cfg, 9, 100, 1.0) == 1.0 and learning_rate(cfg, 50, 100, 0.25) == 0.25
-    for schedule in ("cosine", "linear"):
-        decaying = cfg.model_copy(update={"lr_schedule": schedule})
-        rates = [learning_rate(decaying, step, 100, 1.0) for step in range(100)]
-        assert rates[9] == 1.0 and rates[99] < 0.03 and all(a >= b for a, b in zip(rates[9:], rates[10:]))
-        assert learning_rate(decaying, 100, 100, 1.0) == 0.0  # past the planned end
-
-
 def test_a_warm_up_as_long_as_the_plan_is_reported(embedded, caplog):
     data = load_corpus(embedded / storage.PREPARED).train
     cfg = Params().train.model_copy(update={"lr_schedule": "cosine", "epochs": 1, "warmup_steps": 0})
@@ -243,45 +273,3 @@ def test_a_warm_up_as_long_as_the_plan_is_reported(embedded, caplog):
     assert f"({steps - 1}) leaves the {steps} planned steps no room to decay\n" in caplog.text
     planned_steps(cfg.model_copy(update={"warmup_steps": steps + 1}), data, seed=1)
     assert f"({steps + 1}) leaves the {steps} planned steps no room to decay, nor to reach train.lr" in caplog.text
-
-
-def test_early_stopping_rides_out_single_dips_and_stops_on_a_plateau():
-    rising_with_dips = [10, 14, 17, 15.5, 19, 20, 18.8, 18.9, 21.5, 22]  # a raw patience of 2 stops at 18.9
-    assert not any(should_stop_early(rising_with_dips[:n], patience=2, window=3) for n in range(1, 11))
-    plateau = [10, 14, 17, 18, 18.5, 18.2, 17.9, 18.1, 17.8]
-    stops = [n for n in range(1, len(plateau) + 1) if should_stop_early(plateau[:n], patience=2, window=3)]
-    assert stops and stops[0] == 8
-    assert should_stop_early([5, 4, 3], patience=2, window=1)  # window 1 is the raw rule
-
-
-def test_fingerprint_covers_computation_not_speed(tmp_path):
-    params = Params()
-    base = fingerprint(params, [], "fp32")
-    for speed_or_stop in ({"threads": 3}, {"checkpoint_every": 7}, {"epochs": 30}, {"max_minutes": 5.0},
-                          {"patience": 9}, {"max_steps": 100}):
-        changed = params.model_copy(update={"train": params.train.model_copy(update=speed_or_stop)})
-        assert fingerprint(changed, [], "fp32") == base
-    for computation in ({"device": "cuda"}, {"input_feeding": not params.train.input_feeding}, {"sampled_softmax": 10},
-                        {"word_dropout": 0.3}):
-        changed = params.model_copy(update={"train": params.train.model_copy(update=computation)})
-        assert fingerprint(changed, [], "fp32") != base
-    assert fingerprint(params, [], "bf16 mixed") != base  # the same params on a machine with bf16
-    cosine = params.model_copy(update={"train": params.train.model_copy(update={"lr_schedule": "cosine"})})
-    longer = params.model_copy(update={"train": cosine.train.model_copy(update={"epochs": 30})})
-    # the decay is stretched to the planned length
-    assert fingerprint(cosine, [], "fp32") != fingerprint(longer, [], "fp32")
-    code = Path(__file__).resolve().parent.parent / "pipeline"
-    covered = {p.relative_to(code).as_posix() for pattern in CODE for p in code.glob(pattern)}
-    assert {"train.py", "embeddings.py", "text.py", "data.py", "decode.py", "model/decoder.py"} <= covered
-    data_file = tmp_path / "train.parquet"
-    data_file.write_bytes(b"a")
-    before = fingerprint(params, [data_file], "fp32")
-    data_file.write_bytes(b"b")
-    assert fingerprint(params, [data_file], "fp32") != before
-
-
-def test_keep_freed_memory_takes_on_glibc():
-    """The train stage's allocator setting: it holds for a whole process, so try it in a fresh one."""
-    code = "from pipeline.train import keep_freed_memory; print(keep_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"  # this Debian's C library is glibc

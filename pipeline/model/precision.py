@@ -1,15 +1,8 @@
-"""Where bf16 pays, and how decoding keeps fp32 LSTM states under bf16 autocast."""
+"""How decoding keeps fp32 LSTM states under bf16 autocast (where bf16 pays: pipeline/device.py)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def has_bf16(device: torch.device) -> bool:
-    """Native bf16 matrix instructions (oneDNN would emulate bf16 on any AVX512 CPU, slowly)."""
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return device.type == "cuda"
 
 
 def steps_with_fp32_states(inputs: torch.Tensor, training: bool) -> bool:
