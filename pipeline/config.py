@@ -210,6 +210,9 @@ class ServeParams(Strict):
 
     max_sentences: int = Field(64, ge=1)  # sentences decoded per request, after splitting
     max_sentence_tokens: int = Field(128, ge=1)  # model tokens (words or subword pieces); training kept <= 80 words
+    # A request's sentences are sorted by length and decoded this many at a time, so that short
+    # ones do not step along with the longest of the request (docs/benchmarks.md: decoding speed).
+    decode_batch: int = Field(32, ge=1)
 
 
 class FlowParams(Strict):

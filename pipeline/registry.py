@@ -205,13 +205,18 @@ def apply_alias(client, name: str, version: str, alias: str | None) -> None:
         client.delete_registered_model_alias(name, CHALLENGER)  # a version holds one of the two
 
 
-def log_and_register(params: Params, model_file: Path, run_id: str, md5: str):
+def log_and_register(params: Params, model_file: Path, run_id: str, md5: str, score: float):
     import mlflow
 
+    from pipeline.runlog import split_dataset
     from pipeline.serving import log_translator
 
     with mlflow.start_run(run_id=run_id):
         info = log_translator(model_file, params)
+        # The score against the logged model and the test split: the version's model page names
+        # the data it was judged on.
+        mlflow.log_metric(f"registry_{params.registry.metric}", score, model_id=info.model_id,
+                          dataset=split_dataset("test"))
         if Path("dvc.lock").exists():
             mlflow.log_artifact("dvc.lock", str(Path(LOCK_ARTIFACT).parent))
     # The key is tagged with the version, so a retry after any later failure finds this version.
@@ -299,7 +304,7 @@ def _register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame)
         # Its params are not committed, and its outputs are not pushed: it could not be restored.
         decision = Decision(CHALLENGER, f"{decision.reason}; but it was trained in DVC experiment {experiment!r}, "
                                         f"which never becomes champion: `dvc exp apply {experiment}`, commit, run again")
-    version = existing or log_and_register(params, model_file, run_id, md5)
+    version = existing or log_and_register(params, model_file, run_id, md5, score)
     record = {"model": cfg.model_name, "version": int(version.version), "alias": decision.alias,
               "reason": decision.reason, "metric": cfg.metric, "score": score,
               "compared_with": int(champion.version) if champion and comparison else None, "comparison": comparison,

@@ -98,20 +98,24 @@ def reopened(mlflow, run_id: str):
     return None
 
 
-def log_splits(mlflow, prepared: Path) -> None:
-    """Each split as an MLflow dataset (the runs table's Dataset column): its file as the source and
-    its md5, the one DVC records for it, as the digest."""
+def split_dataset(split: str, prepared: Path = storage.PREPARED):
+    """A split as an MLflow dataset: its file as the source, and its md5, the one DVC records for
+    it, as the digest."""
     from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.meta_dataset import MetaDataset
 
     # MLflow registers its local-file source twice (for "" and "file:" URIs), and resolving a
     # path by URI warns that it is ambiguous: take the class itself.
     local_file = next(source for source in get_registered_sources() if source._get_source_type() == "local")
+    path = storage.split_path(split, prepared)
+    return MetaDataset(local_file(path.resolve().as_uri()), name=split, digest=storage.file_md5(path))
+
+
+def log_splits(mlflow, prepared: Path) -> None:
+    """Every split as a dataset of the run: the runs table's Dataset column."""
     for split in storage.SPLITS:
-        path = storage.split_path(split, prepared)
-        if path.exists():
-            dataset = MetaDataset(local_file(path.resolve().as_uri()), name=split, digest=storage.file_md5(path))
-            mlflow.log_input(dataset, context="training" if split == "train" else split)
+        if storage.split_path(split, prepared).exists():
+            mlflow.log_input(split_dataset(split, prepared), context="training" if split == "train" else split)
 
 
 def log_data_reports(mlflow, reports: Path) -> None:

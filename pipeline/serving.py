@@ -58,7 +58,8 @@ def model_config(params: Params) -> dict[str, Any]:
     search, serve = params.evaluate, params.serve
     return {"beam_size": search.beam_size, "length_penalty": search.length_penalty,
             "max_len_ratio": search.max_len_ratio, "max_sentences": serve.max_sentences,
-            "max_sentence_tokens": serve.max_sentence_tokens, "unk_dictionary": search.unk_dictionary,
+            "max_sentence_tokens": serve.max_sentence_tokens, "decode_batch": serve.decode_batch,
+            "unk_dictionary": search.unk_dictionary,
             "shortlist": search.shortlist, "precision": search.precision, "unk_penalty": search.unk_penalty}
 
 
@@ -163,6 +164,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
                        "precision": config.get("precision", "float32"),
                        "unk_penalty": config.get("unk_penalty", 0.0)}
         self.limits = Limits(config["max_sentences"], config["max_sentence_tokens"])
+        self.batch_size = config.get("decode_batch", config["max_sentences"])  # older models: one batch
         self.translator = load_translator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
         return self
 
@@ -225,7 +227,8 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
             return []
         tr = self.translator
         sources, originals = tr.src_tok.from_cased_all(originals)  # the model's tokens, and cased alike
-        outputs = tr.translate_tokens(sources, beam_size=beam, originals=originals, **self.search)
+        outputs = tr.translate_tokens(sources, beam_size=beam, batch_size=self.batch_size, originals=originals,
+                                      **self.search)
         return [(tr.tgt_tok.detokenize(words), words, attention) for words, attention in outputs]
 
 

@@ -72,6 +72,11 @@ def test_first_run_registered_a_champion_with_its_comparison_record(trained_copy
     assert version.tags["model_md5"] == file_md5(MODEL_FILE) == record["model_md5"]
     assert version.tags["test_sha256"] == record["test_sha256"] and version.tags["git_commit"]
     assert "decision" in version.description and record["test_sha256"][:12] in version.description
+    # The version's logged model names the data it was judged on: the test split, by its md5.
+    model = MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
+    (judged,) = [m for m in model.metrics if m.key == "registry_bleu"]
+    assert (judged.key, judged.value) == ("registry_bleu", record["score"])
+    assert judged.dataset_name == "test" and judged.dataset_digest == file_md5("data/prepared/test.parquet")
 
 
 def test_register_is_idempotent(trained_copy):

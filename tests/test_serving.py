@@ -96,7 +96,8 @@ def test_the_model_is_logged_from_code_with_its_config_and_mlflows_pins(trained_
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert (local / "translator_model.py").is_file() and not list(local.glob("*.pkl"))
     assert flavor["config"] == {"beam_size": 3, "length_penalty": 1.0, "max_len_ratio": 1.5,
-                                "max_sentences": 64, "max_sentence_tokens": 128, "unk_dictionary": False,
+                                "max_sentences": 64, "max_sentence_tokens": 128, "decode_batch": 32,
+                                "unk_dictionary": False,
                                 "shortlist": False, "precision": "bfloat16", "unk_penalty": 2.0}
     assert (local / "code" / "pipeline" / "serving.py").is_file()
     requirements = (local / "requirements.txt").read_text().split()
@@ -110,6 +111,18 @@ def test_signature_is_strings_in_and_out_with_a_beam_size_param(trained_copy):
     assert [c.type.name for c in signature.inputs.inputs] == ["string"]
     assert [c.type.name for c in signature.outputs.inputs] == ["string"]
     assert [(p.name, p.default) for p in signature.params.params] == [("beam_size", 3)]
+
+
+def test_a_request_decoded_in_length_sorted_sub_batches_translates_as_one_batch(trained_copy):
+    """serve.decode_batch only changes the speed: the same words as one batch of the whole request."""
+    model = mlflow.pyfunc.load_model(CHAMPION).unwrap_python_model()
+    clauses = [f"the {a} {n} {v}" for a, n, v in zip(ADJECTIVES, NOUNS, VERBS)]
+    texts = [" and ".join(clauses[:k]).capitalize() + "." for k in (1, 3, 2, 4, 1, 3)] * 5  # mixed lengths
+    assert model.batch_size == 32
+    model.batch_size = 64
+    whole = model.translate(texts)
+    model.batch_size = 4
+    assert model.translate(texts) == whole
 
 
 def test_pyfunc_translates_and_enforces_the_limits(trained_copy):
