@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lever table in the README: the real `train` and `evaluate` stages for each setting, side by
+# The lever table in docs/benchmarks.md: the real `train` and `evaluate` stages for each setting, side by
 # side (one GPU holds them all; on a CPU give each its own machine), params.yaml's train.epochs
 # each (the CPU default's budget) unless the setting says otherwise, each keeping its last 5 validated weights
 # so that best and averaged can be compared, then benchmarks/score.py on each run's best
