@@ -80,6 +80,17 @@ class IngestParams(Strict):
     max_words: int = Field(80, ge=1)  # pairs with a longer side are dropped (counted)
     max_length_ratio: float = Field(3.0, ge=1.0)  # word-count ratio beyond which a pair is dropped
 
+    @model_validator(mode="after")
+    def names_are_unique(self) -> "IngestParams":
+        """A source's name prefixes its pairs' ids and keys its counts in the report: two sources of
+        one name would overwrite each other's counts and drop each other's pairs as duplicates."""
+        names = [source.name for source in self.sources]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"sources share the name {', '.join(map(repr, repeated))}: give each source a "
+                             "name of its own (`name:`; a source's kind is its default name)")
+        return self
+
 
 class SplitParams(Strict):
     valid: float = Field(0.01, gt=0, lt=0.5)

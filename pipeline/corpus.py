@@ -214,11 +214,17 @@ def read_table_pairs(source: TableSource, drops: Drops) -> pd.DataFrame:
     missing = [c for c in wanted if c not in table.columns]
     if missing:
         raise CorpusError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(map(str, table.columns))})")
-    frame = _frame(list(zip(table[source.src_column].astype(str), table[source.tgt_column].astype(str))),
+    frame = _frame(list(zip(text_column(table, source.src_column), text_column(table, source.tgt_column))),
                    source.name)
     if source.id_column:
         frame["id"] = [f"{source.name}:{i}" for i in table[source.id_column].astype(str)]
     return frame
+
+
+def text_column(table: pd.DataFrame, column: str) -> list[str]:
+    """A column's values as text, a null (Parquet and Arrow have them) as an empty side, which
+    cleaning counts as such: never the text "None" or "nan", which would be trained on."""
+    return ["" if pd.api.types.is_scalar(value) and pd.isna(value) else str(value) for value in table[column]]
 
 
 def _frame(rows: list[tuple[str, str]], origin: str) -> pd.DataFrame:

@@ -43,6 +43,14 @@ def test_bad_source_kind_is_named(tmp_path):
         load_params(write(tmp_path, params))
 
 
+def test_two_sources_of_one_name_are_rejected(tmp_path):
+    """Their pairs' ids and their counts would collide: real pairs dropped as duplicates."""
+    params = small_params()
+    params["ingest"]["sources"] = [{"kind": "tsv", "path": "a.tsv"}, {"kind": "tsv", "path": "b.tsv"}]
+    with pytest.raises(ParamsError, match=r"ingest.*sources share the name 'tsv'"):
+        load_params(write(tmp_path, params))
+
+
 def test_split_must_leave_training_data(tmp_path):
     params = small_params()
     params["prepare"]["split"] = {"valid": 0.3, "test": 0.3}

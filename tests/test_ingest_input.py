@@ -87,6 +87,14 @@ def test_table_sources_by_named_columns(tmp_path):
         ingest([TableSource(path=str(tmp_path / "t.csv"), src_column="english_text")], 80, 3.0)
 
 
+def test_a_null_in_a_table_is_an_empty_side_never_the_text_none(tmp_path):
+    frame = pd.DataFrame({"english": ["Hello.", None, "Bye."], "spanish": ["Hola.", "Nada.", None]})
+    frame.to_parquet(tmp_path / "t.parquet")
+    pairs, report = ingest([TableSource(name="t", path=str(tmp_path / "t.parquet"))], 80, 3.0)
+    assert pairs[["src", "tgt"]].values.tolist() == [["Hello.", "Hola."]]
+    assert report["dropped"]["empty_side"] == 2
+
+
 def test_two_aligned_text_files(tmp_path):
     (tmp_path / "en.txt").write_text("Hello.\nBye.\n", encoding="utf-8")
     (tmp_path / "es.txt").write_text("Hola.\nAdiós.\n", encoding="utf-8")
