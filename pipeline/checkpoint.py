@@ -15,13 +15,13 @@ import torch
 
 from pipeline import distributed, storage
 from pipeline.config import Params
-from pipeline.device import set_generator_state
+from pipeline.device import default_generator
 
 # Params that only decide when training stops or how fast it runs: changing them continues the
 # same training (under `lr_schedule: plateau`, `dvc exp run -S train.epochs=20` resumes from the
 # last checkpoint; a decaying schedule's plan depends on epochs and max_steps, see fingerprint).
-# `device` is not among them, but the device that runs stands for it (`auto` is either): CUDA
-# kernels give other numbers than the CPU's. `threads` is, although another thread count sums in
+# `device` is among them as written (`auto` is either), and the device that runs is hashed instead:
+# CUDA kernels give other numbers than the CPU's. `threads` is, although another thread count sums in
 # another order (last-bit differences): a resume may use other threads, and bit-identical runs
 # need the same count (the default, all cores, on the same kind of machine). `lexicon` only adds a
 # dictionary to model.pt after training, so it continues the same training too.
@@ -59,7 +59,7 @@ class Progress:
     epoch_loss: float = 0.0  # summed over the current epoch so far
     epoch_tokens: int = 0
     elapsed: float = 0.0  # seconds in the training loop so far, over all resumes
-    update_seconds: float = 0.0  # of those, seconds spent in updates (not validating)
+    update_seconds: float = 0.0  # of those, seconds in stretches of updates (with their checkpoints; no validation)
     tokens_trained: int = 0  # target tokens of every update so far
     plateau_scale: float = 1.0  # lr factor from plateau halvings
     best_valid_loss: float = math.inf
@@ -150,7 +150,7 @@ def resume(path: Path, model, optimizer, device: torch.device, seed: int,
     if generator is not None:
         generator.set_state(candidates.cpu() if candidates is not None else saved_generator_state(state["rng"], device))
     elif candidates is not None:
-        set_generator_state(device, candidates)
+        default_generator(device).set_state(candidates.cpu())
     return Progress(**state["progress"])
 
 

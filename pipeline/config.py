@@ -87,8 +87,8 @@ class IngestParams(Strict):
         names = [source.name for source in self.sources]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
-            raise ValueError(f"sources share the name {', '.join(map(repr, repeated))}: give each source a "
-                             "name of its own (`name:`; a source's kind is its default name)")
+            raise ValueError(f"sources share the name {', '.join(map(repr, repeated))} (given, or their kind's "
+                             "default): give each source a `name:` of its own")
         return self
 
 

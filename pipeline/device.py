@@ -48,18 +48,12 @@ def precision_name(amp: bool, device: torch.device) -> str:
     return "bf16 mixed" if uses_bf16(amp, device) else "fp32"
 
 
-def generator_state(device: torch.device) -> torch.Tensor:
-    """The state of `device`'s default random generator (where dropout and sampling draw)."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.get_rng_state()
-
-
-def set_generator_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state.cpu(), device)
-    else:
-        torch.set_rng_state(state.cpu())
+def default_generator(device: torch.device) -> torch.Generator:
+    """`device`'s default random generator, where dropout and sampling draw."""
+    if device.type != "cuda":
+        return torch.default_generator
+    torch.cuda.init()  # default_generators is empty until CUDA initialises
+    return torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
 
 
 def keep_freed_memory() -> bool:

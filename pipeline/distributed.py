@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.device import generator_state
+from pipeline.device import default_generator
 
 log = logging.getLogger(__name__)
 
@@ -161,5 +161,5 @@ def shared_generator(device: torch.device) -> torch.Generator:
     the model's initialisation, the same on every rank): in one process the negatives come from
     the default generator, so with dropout 0 DDP draws the same negatives as one process."""
     generator = torch.Generator(device=device)
-    generator.set_state(generator_state(device))
+    generator.set_state(default_generator(device).get_state())
     return generator

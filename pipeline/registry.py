@@ -25,7 +25,7 @@ import pandas as pd
 from pipeline import storage
 from pipeline.storage import file_md5
 from pipeline.config import Params
-from pipeline.tracking import dvc_hashes, experiment_name, git_commit, mlflow_setup, workspace_root
+from pipeline.tracking import dvc_hashes, experiment_name, git_commit, mlflow_setup, split_dataset, workspace_root
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +205,13 @@ def apply_alias(client, name: str, version: str, alias: str | None) -> None:
         client.delete_registered_model_alias(name, CHALLENGER)  # a version holds one of the two
 
 
-def log_and_register(params: Params, model_file: Path, run_id: str, md5: str, score: float):
+def log_and_register(params: Params, model_file: Path, run_id: str, md5: str):
     import mlflow
 
-    from pipeline.runlog import split_dataset
     from pipeline.serving import log_translator
 
     with mlflow.start_run(run_id=run_id):
         info = log_translator(model_file, params)
-        # The score against the logged model and the test split: the version's model page names
-        # the data it was judged on.
-        mlflow.log_metric(f"registry_{params.registry.metric}", score, model_id=info.model_id,
-                          dataset=split_dataset("test"))
         if Path("dvc.lock").exists():
             mlflow.log_artifact("dvc.lock", str(Path(LOCK_ARTIFACT).parent))
     # The key is tagged with the version, so a retry after any later failure finds this version.
@@ -304,7 +299,7 @@ def _register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame)
         # Its params are not committed, and its outputs are not pushed: it could not be restored.
         decision = Decision(CHALLENGER, f"{decision.reason}; but it was trained in DVC experiment {experiment!r}, "
                                         f"which never becomes champion: `dvc exp apply {experiment}`, commit, run again")
-    version = existing or log_and_register(params, model_file, run_id, md5, score)
+    version = existing or log_and_register(params, model_file, run_id, md5)
     record = {"model": cfg.model_name, "version": int(version.version), "alias": decision.alias,
               "reason": decision.reason, "metric": cfg.metric, "score": score,
               "compared_with": int(champion.version) if champion and comparison else None, "comparison": comparison,
@@ -314,19 +309,30 @@ def _register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame)
                        "promotion": json.dumps(record), "alias_applied": "false"}.items():
         client.set_model_version_tag(cfg.model_name, version.version, tag, value)
     client.update_model_version(cfg.model_name, version.version, description=describe(record))
-    log_to_run(client, version.run_id, record)
+    log_to_run(client, version, record)
     apply_alias(client, cfg.model_name, version.version, decision.alias)
     client.set_model_version_tag(cfg.model_name, version.version, "alias_applied", "true")
     log.info("%s version %s -> %s (%s)", cfg.model_name, version.version, decision.alias or "no alias", decision.reason)
     return record
 
 
-def log_to_run(client, run_id: str, record: dict) -> None:
+def logged_model_id(version) -> str | None:
+    """The MLflow 3 logged model a version was registered from (`models:/m-...`), if any."""
+    return version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None
+
+
+def log_to_run(client, version, record: dict) -> None:
+    """The decision on the version's run; the score also on its logged model, with the test split
+    as the dataset it was judged on (by its md5), which the version's model page shows."""
+    run_id = version.run_id
     client.log_dict(run_id, record, f"registry/version-{record['version']}.json")
     client.set_tag(run_id, "registry.decision", f"v{record['version']}: {record['alias'] or 'no alias'}")
-    metrics = {f"registry_{record['metric']}": record["score"]}
+    test = split_dataset("test")
+    client.log_metric(run_id, f"registry_{record['metric']}", record["score"],
+                      model_id=logged_model_id(version), dataset_name=test.name,
+                      dataset_digest=test.digest)
     if record["comparison"]:
-        metrics.update(registry_champion_score=record["comparison"]["champion"],
-                       registry_delta=record["comparison"]["delta"], registry_p_value=record["comparison"]["p_value"])
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
+        for key, value in {"registry_champion_score": record["comparison"]["champion"],
+                           "registry_delta": record["comparison"]["delta"],
+                           "registry_p_value": record["comparison"]["p_value"]}.items():
+            client.log_metric(run_id, key, value)

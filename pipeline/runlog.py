@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Params
-from pipeline.tracking import dvc_hashes, experiment_name, flatten, git_commit, mlflow_setup
+from pipeline.device import host, software
+from pipeline.tracking import dvc_hashes, experiment_name, flatten, git_commit, mlflow_setup, split_dataset
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,10 @@ log = logging.getLogger(__name__)
 class NullRunLog:
     """The run log of a rank other than 0: it logs nothing."""
 
-    run_id = ""
+    run_id, is_new = "", False
+
+    def describe(self, *args, **kwargs) -> None:
+        pass
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         pass
@@ -40,31 +44,33 @@ class RunLog(NullRunLog):
         self.mlflow, self.run, self.run_id, self.is_new = mlflow, run, run.info.run_id, is_new
 
     @classmethod
-    def open(cls, params: Params, progress_run: str, step: int, described: dict, tags: dict,
-             prepared: Path, embeddings: Path, reports: Path) -> "RunLog":
-        """The checkpoint's run `progress_run` reopened (a run left RUNNING by a killed training is
-        finished by its resume), or a new one when there is none or it was deleted, described in
-        full: params and `described` (more params), the data, the code, and `tags` (device, host).
-        `.vamos/run.json` names it for evaluate and register."""
+    def open(cls, params: Params, checkpoint_run: str) -> "RunLog":
+        """The checkpoint's run reopened (a run left RUNNING by a killed training is finished by its
+        resume), or a new one when there is none or it was deleted. `.vamos/run.json` names it for
+        evaluate and register."""
         mlflow = mlflow_setup(params.registry.experiment)
-        run = reopened(mlflow, progress_run)
+        run = reopened(mlflow, checkpoint_run)
         runlog = cls(mlflow, run or mlflow.start_run(log_system_metrics=True), is_new=run is None)
-        if runlog.is_new:
-            runlog.describe(params, described, tags, prepared, embeddings, reports)
-            if step:  # a checkpoint whose run was deleted: say where this one takes over
-                runlog.tags({"resumed_from_step": step, "continues_run": progress_run})
         storage.write_json(storage.RUN_FILE, {"run_id": runlog.run_id, "experiment_id": runlog.run.info.experiment_id})
         return runlog
 
-    def describe(self, params: Params, described: dict, tags: dict, prepared: Path, embeddings: Path,
-                 reports: Path) -> None:
+    def describe(self, params: Params, device, coverage: tuple[float, float], world_size: int | None,
+                 prepared: Path, embeddings: Path, reports: Path) -> None:
+        """A new run's description: params, the data (splits, the ingest and prepare reports and their
+        DVC hashes), the code, the device and host; a reopened run has it already."""
+        if not self.is_new:
+            return
         mlflow = self.mlflow
+        described = {"embedding_coverage.src": round(coverage[0], 4), "embedding_coverage.tgt": round(coverage[1], 4)}
+        if world_size:
+            described["distributed.world_size"] = world_size
         mlflow.log_params(flatten(params.model_dump(by_alias=True, exclude={"ingest"})) | described)
         log_splits(mlflow, prepared)
         log_data_reports(mlflow, reports)
         hashes = dvc_hashes()
         self.tags({"git_commit": git_commit(), "dvc.prepared_md5": hashes.get(str(prepared), "unknown"),
-                   "dvc.embeddings_md5": hashes.get(str(embeddings), "unknown"), **tags})
+                   "dvc.embeddings_md5": hashes.get(str(embeddings), "unknown"), "device": str(device),
+                   **flatten(host(device), "host."), **flatten(software(), "software.")})
         if experiment := experiment_name():  # a `dvc exp run`: its name ties the run to `dvc exp show`
             self.tags({"dvc.experiment": experiment})
 
@@ -96,19 +102,6 @@ def reopened(mlflow, run_id: str):
         return mlflow.start_run(run_id=run_id, log_system_metrics=True)
     log.warning("the checkpoint's MLflow run %s no longer exists: logging to a new run", run_id)
     return None
-
-
-def split_dataset(split: str, prepared: Path = storage.PREPARED):
-    """A split as an MLflow dataset: its file as the source, and its md5, the one DVC records for
-    it, as the digest."""
-    from mlflow.data.dataset_source_registry import get_registered_sources
-    from mlflow.data.meta_dataset import MetaDataset
-
-    # MLflow registers its local-file source twice (for "" and "file:" URIs), and resolving a
-    # path by URI warns that it is ambiguous: take the class itself.
-    local_file = next(source for source in get_registered_sources() if source._get_source_type() == "local")
-    path = storage.split_path(split, prepared)
-    return MetaDataset(local_file(path.resolve().as_uri()), name=split, digest=storage.file_md5(path))
 
 
 def log_splits(mlflow, prepared: Path) -> None:

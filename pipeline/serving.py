@@ -73,11 +73,11 @@ def check_beam_size(value: Any) -> int:
 def check_texts(inputs: list) -> list[str]:
     for i, text in enumerate(inputs, start=1):  # counted from 1, as people count lines
         if not isinstance(text, str):
-            raise RequestError(f"input {i} is {_describe(text)}, not a string: send one text per item")
+            raise RequestError(f"input {i} is {_kind_of(text)}, not a string: send one text per item")
     return inputs
 
 
-def _describe(value: Any) -> str:
+def _kind_of(value: Any) -> str:
     return "null" if value is None else f"a {type(value).__name__} ({str(value)[:20]})"
 
 
@@ -152,8 +152,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         self.configure(context.artifacts[CHECKPOINT], context.model_config)
 
     def configure(self, checkpoint: str | Path, config: dict[str, Any]) -> "TranslatorModel":
-        import torch
-
+        from pipeline.device import pick_device
         from pipeline.model import load_translator
 
         self.default_beam = check_beam_size(config["beam_size"])
@@ -165,7 +164,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
                        "unk_penalty": config.get("unk_penalty", 0.0)}
         self.limits = Limits(config["max_sentences"], config["max_sentence_tokens"])
         self.batch_size = config.get("decode_batch", config["max_sentences"])  # older models: one batch
-        self.translator = load_translator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+        self.translator = load_translator(checkpoint, pick_device("auto"))
         return self
 
     # The type hints make the logged signature (list of strings in and out) and have MLflow pass
@@ -251,7 +250,7 @@ def open_translator(spec: str, params: Params) -> TranslatorModel:
         if not Path(spec).is_file():
             raise ModelNotFound(f"no such model file: {spec}")
         try:
-            return load_checkpoint(spec, params)
+            return load_model_file(spec, params)
         except NotAModel as e:  # a training checkpoint, say
             raise ModelNotFound(str(e)) from None
     return _load_registered(model_uri(spec, params.registry.model_name), params.registry.model_name)
@@ -274,7 +273,7 @@ def _load_registered(uri: str, model_name: str) -> TranslatorModel:
             "or pass --model models/seq2seq/model.pt") from None
 
 
-def load_checkpoint(model_file: str | Path, params: Params) -> TranslatorModel:
+def load_model_file(model_file: str | Path, params: Params) -> TranslatorModel:
     """The same translator as the logged model, straight from a model.pt file."""
     return TranslatorModel().configure(model_file, model_config(params))
 

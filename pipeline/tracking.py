@@ -8,7 +8,10 @@ from typing import Any
 
 import yaml
 
-# MLflow 3's UI opens experiments of this kind on their runs, not on the GenAI traces overview.
+from pipeline import storage
+
+# Marks the experiment as model development for MLflow 3's UI (its runs still open on the GenAI
+# overview in 3.17: the README gives the link to the training runs).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
@@ -102,3 +105,18 @@ def dvc_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
         return {}
     return {out["path"]: out.get("md5", "") for stage in lock.get("stages", {}).values()
             for out in stage.get("outs", [])}
+
+
+def split_dataset(split: str, prepared: Path = storage.PREPARED):
+    """A split as an MLflow dataset: its file as the source, and its md5, the one DVC records for
+    it, as the digest."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = storage.split_path(split, prepared)
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice ("" and "file:")
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(path.resolve().as_uri())
+    return MetaDataset(source, name=split, digest=storage.file_md5(path))

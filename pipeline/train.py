@@ -26,7 +26,7 @@ from pipeline.checkpoint import CHECKPOINT_FILE, Progress, averaged_weights, fin
 from pipeline.config import Params, TrainParams
 from pipeline.data import Corpus, load_corpus
 from pipeline.decode import Translator
-from pipeline.device import autocast, host, pick_device, precision_name, software
+from pipeline.device import autocast, pick_device, precision_name
 from pipeline.embeddings import embedding_matrix
 from pipeline.lexicon import build_lexicon
 from pipeline.loss import sequence_loss
@@ -35,7 +35,6 @@ from pipeline.runlog import NullRunLog, RunLog
 from pipeline.schedule import learning_rate, planned_steps, should_stop_early
 from pipeline.text import EOS_ID, UNK_ID, tokenizers
 from pipeline.training_report import write_reports
-from pipeline.tracking import flatten
 from pipeline.validation import ValidationSet, validation_bleu, validation_loss
 
 __all__ = ["initial_model", "drop_words", "train_step", "train"]
@@ -320,16 +319,14 @@ def _train(params: Params, dist: distributed.Distributed, device: torch.device, 
     if dist.enabled:  # after the checkpoint: DDP starts every rank from rank 0's weights
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    runlog = NullRunLog()
-    if dist.is_main:
-        described = {"embedding_coverage.src": round(src_cov, 4), "embedding_coverage.tgt": round(tgt_cov, 4)}
-        if dist.enabled:
-            described["distributed.world_size"] = dist.world_size
-        tags = {"device": str(device), **flatten(host(device), "host."), **flatten(software(), "software.")}
-        runlog = RunLog.open(params, progress.run_id, progress.step, described, tags, prepared, embeddings, reports)
-    progress.run_id = dist.broadcast(runlog.run_id)
+    runlog = RunLog.open(params, progress.run_id) if dist.is_main else NullRunLog()
+    checkpoint_run, progress.run_id = progress.run_id, dist.broadcast(runlog.run_id)
     summary = None
     try:
+        runlog.describe(params, device, (src_cov, tgt_cov), dist.world_size if dist.enabled else None, prepared,
+                        embeddings, reports)
+        if runlog.is_new and progress.step:  # a checkpoint whose run was deleted: where this one takes over
+            runlog.tags({"resumed_from_step": progress.step, "continues_run": checkpoint_run})
         trainer = Trainer(params, model, optimizer, corpus, ValidationSet.of(corpus.valid, src_tok),
                           Translator(model, src_tok, tgt_tok, corpus.src_vocab, corpus.tgt_vocab, device), progress,
                           run_dir, device, planned_steps(cfg, corpus.train, params.seed), runlog, dist, net, generator)

@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import ParamsError, Params, load_params
-from pipeline.registry import CHALLENGER, CHAMPION, decide, file_md5, model_checkpoint, paired_bootstrap, register
+from pipeline.registry import (CHALLENGER, CHAMPION, decide, file_md5, logged_model_id, model_checkpoint, paired_bootstrap,
+                               register)
 from pipeline.storage import MODEL_FILE, read_json
 from tests.conftest import ADJECTIVES, NOUNS, VERBS, broken_model
 
@@ -73,7 +74,7 @@ def test_first_run_registered_a_champion_with_its_comparison_record(trained_copy
     assert version.tags["test_sha256"] == record["test_sha256"] and version.tags["git_commit"]
     assert "decision" in version.description and record["test_sha256"][:12] in version.description
     # The version's logged model names the data it was judged on: the test split, by its md5.
-    model = MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
+    model = MlflowClient().get_logged_model(logged_model_id(version))
     (judged,) = [m for m in model.metrics if m.key == "registry_bleu"]
     assert (judged.key, judged.value) == ("registry_bleu", record["score"])
     assert judged.dataset_name == "test" and judged.dataset_digest == file_md5("data/prepared/test.parquet")

@@ -13,7 +13,7 @@ from pipeline.text import Tokenizer, Vocab
 
 __all__ = ["ModelConfig", "Seq2Seq", "NotAModel", "save_model", "load_model", "load_translator"]
 
-# What train.save_checkpoint writes (last.pt, to resume training) in place of a saved model's keys.
+# Keys that pipeline.checkpoint.save writes (last.pt, to resume training) in place of a saved model's.
 TRAINING_CHECKPOINT_KEYS = {"model", "optimizer", "progress", "rng"}
 
 
