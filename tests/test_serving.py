@@ -114,7 +114,9 @@ def test_signature_is_strings_in_and_out_with_a_beam_size_param(trained_copy):
 
 
 def test_a_request_decoded_in_length_sorted_sub_batches_translates_as_one_batch(trained_copy):
-    """serve.decode_batch only changes the speed: the same words as one batch of the whole request."""
+    """serve.decode_batch splits a request into length-sorted batches and puts the translations back
+    in order: on this small model, the same words as one batch (a large model under bf16 rounds a
+    few sentences differently at another batch size: docs/benchmarks.md)."""
     model = mlflow.pyfunc.load_model(CHAMPION).unwrap_python_model()
     clauses = [f"the {a} {n} {v}" for a, n, v in zip(ADJECTIVES, NOUNS, VERBS)]
     texts = [" and ".join(clauses[:k]).capitalize() + "." for k in (1, 3, 2, 4, 1, 3)] * 5  # mixed lengths
