@@ -1,0 +1,94 @@
+"""The data stages on large corpora: wall time and peak RSS of each stage at each corpus size.
+
+    python benchmarks/scale.py --pairs 100000 --pairs 1000000          # after `dvc repro ingest`
+    python benchmarks/scale.py --pairs 1000000 --stages ingest --stages prepare
+
+Each corpus is made of unique pairs of realistic length by joining `--join` random Bible verse pairs
+(from data/raw/pairs.parquet, which `dvc repro ingest` writes; joining verses is also a known
+augmentation), written as one TSV in a project of its own under --workdir. Each stage then runs as
+`vamos <stage>` in a process of its own, as DVC runs it; its peak RSS is that process's (and its
+children's) maximum resident set, from wait4. `train` runs one step (`train.max_steps: 1`, no
+lexicon): the time to a first update and the loader's memory. It prints figures and asserts nothing."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import typer
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from pipeline.device import cpu_info  # noqa: E402
+from pipeline.tracking import git_commit  # noqa: E402
+
+STAGES = ["ingest", "prepare", "embed", "train"]
+
+
+def write_corpus(verses: pd.DataFrame, pairs: int, join: int, path: Path, seed: int) -> None:
+    """`pairs` lines of `join` random verse pairs each, streamed to `path` (bounded memory)."""
+    rng = random.Random(seed)
+    src, tgt, n = verses["src"].tolist(), verses["tgt"].tolist(), len(verses)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for _ in range(pairs):
+            picks = [rng.randrange(n) for _ in range(join)]
+            out.write(" ".join(src[i] for i in picks) + "\t" + " ".join(tgt[i] for i in picks) + "\n")
+
+
+def project(root: Path, corpus: Path, join: int) -> None:
+    """params.yaml: the repository's, reading only `corpus`; sides may be `join` verses long."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"]["sources"] = [{"kind": "tsv", "name": "scale", "path": str(corpus)}]
+    params["ingest"]["max_words"] = params["ingest"]["max_words"] * join
+    params["train"].update(max_steps=1, lexicon=False, max_minutes=None)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage(stage: str, root: Path) -> tuple[float, float, int]:
+    """(seconds, peak RSS in MB, exit code) of `vamos <stage>` in `root`."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    with open(root / f"{stage}.log", "w") as log:
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", stage], cwd=root, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, unlike RUSAGE_CHILDREN's
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return time.monotonic() - started, usage.ru_maxrss / 1024, process.returncode
+
+
+def main(pairs: list[int] = typer.Option([100_000], help="corpus sizes, in pairs (repeat the option)"),
+         stages: list[str] = typer.Option(STAGES, help="stages to run, in order (repeat the option)"),
+         join: int = typer.Option(2, min=1, help="verse pairs joined into one corpus pair"),
+         workdir: Path = typer.Option(Path("/tmp/vamos-scale"), help="where the corpora and projects go"),
+         seed: int = typer.Option(1234)) -> None:
+    raw = REPO / "data" / "raw" / "pairs.parquet"
+    if not raw.exists():
+        raise typer.BadParameter(f"{raw} is missing: run `dvc repro ingest` first")
+    verses = pd.read_parquet(raw, columns=["src", "tgt"])
+    cpu, isa = cpu_info()
+    print(f"host: {cpu} ({', '.join(isa)}), {os.cpu_count()} cores; commit {git_commit()[:10]}")
+    print(f"command: {' '.join(sys.argv)}")
+    print("| pairs | stage | seconds | peak RSS (MB) | exit |\n|---|---|---|---|---|")
+    for size in pairs:
+        root = workdir / f"{size}"
+        shutil.rmtree(root, ignore_errors=True)
+        corpus = root / "corpus.tsv"
+        write_corpus(verses, size, join, corpus, seed)
+        project(root, corpus, join)
+        for stage in stages:
+            seconds, rss, code = run_stage(stage, root)
+            print(f"| {size:,} | {stage} | {seconds:,.1f} | {rss:,.0f} | {code} |", flush=True)
+            if code != 0:
+                print(f"  {stage} failed: see {root / f'{stage}.log'}")
+                break
+
+
+if __name__ == "__main__":
+    typer.run(main)
