@@ -327,10 +327,12 @@ def log_to_run(client, version, record: dict) -> None:
     run_id = version.run_id
     client.log_dict(run_id, record, f"registry/version-{record['version']}.json")
     client.set_tag(run_id, "registry.decision", f"v{record['version']}: {record['alias'] or 'no alias'}")
-    test = split_dataset("test")
-    client.log_metric(run_id, f"registry_{record['metric']}", record["score"],
-                      model_id=logged_model_id(version), dataset_name=test.name,
-                      dataset_digest=test.digest)
+    judged_on = {}
+    if storage.split_path("test").exists():  # the split `register` scored, where the stage runs
+        test = split_dataset("test")
+        judged_on = {"dataset_name": test.name, "dataset_digest": test.digest}
+    client.log_metric(run_id, f"registry_{record['metric']}", record["score"], model_id=logged_model_id(version),
+                      **judged_on)
     if record["comparison"]:
         for key, value in {"registry_champion_score": record["comparison"]["champion"],
                            "registry_delta": record["comparison"]["delta"],
