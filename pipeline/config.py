@@ -226,6 +226,14 @@ class ServeParams(Strict):
     decode_batch: int = Field(32, ge=1)
 
 
+class ParallelParams(Strict):
+    """Where ingest's and prepare's sharded work runs (pipeline.parallel). No stage's output depends
+    on it, so dvc.yaml lists it for none: a change reruns nothing."""
+
+    workers: int = Field(0, ge=0)  # processes of the local Dask cluster; 0: one per core; 1: all in the stage's process
+    scheduler: str | None = None  # a running Dask scheduler's address (tcp://host:8786); VAMOS_DASK_SCHEDULER wins
+
+
 class FlowParams(Strict):
     """The Prefect flow's limits (flows/pipeline_flow.py). No DVC stage reads them, so a change reruns nothing."""
 
@@ -256,6 +264,7 @@ class Params(Strict):
     # "register" would shadow a pydantic method, so the field has another name.
     registry: RegisterParams = Field(RegisterParams(), alias="register")
     serve: ServeParams = ServeParams()
+    parallel: ParallelParams = ParallelParams()
     flow: FlowParams = FlowParams()
 
     @model_validator(mode="after")
