@@ -12,8 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-RAW_PAIRS = Path("data/raw/pairs.parquet")
+# ingest's output: a folder of parquet shards (id, origin, src, tgt), read in name order.
+RAW_PAIRS = Path("data/raw/pairs")
 PREPARED = Path("data/prepared")
+# prepare writes it last: the md5 of each of its files, so that training can fingerprint its
+# inputs without reading them.
+PREPARED_MANIFEST = PREPARED / "manifest.json"
 SPLITS = ("train", "valid", "test")
 EMBEDDINGS = Path("models/embeddings")
 SEQ2SEQ = Path("models/seq2seq")
@@ -24,6 +28,15 @@ RUN_FILE = Path(".vamos/run.json")
 CHECKPOINTS = Path(".vamos/checkpoints")
 REPORTS = Path("reports")
 PLOTS = REPORTS / "plots"
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def raw_shards(root: Path = RAW_PAIRS) -> list[Path]:
+    """ingest's shards, in the corpus's order."""
+    return sorted(Path(root).glob("part-*.parquet"))
 
 
 def split_path(split: str, root: Path = PREPARED) -> Path:
