@@ -1,4 +1,7 @@
-"""Corpus sources and cleaning: SWORD Bible modules aligned by verse, and tab-separated pairs.
+"""Corpus sources and cleaning: SWORD Bible modules aligned by verse, tab-separated pairs, tables.
+
+Sources are read as streams, in chunks of `ingest.shard_pairs` pairs; each chunk is cleaned in a
+task of pipeline.parallel's pool and deduplicated over the whole corpus by 64-bit hashes.
 
 Every dropped pair is counted by reason; the counts go to reports/ingest.json and MLflow.
 """
@@ -7,20 +10,31 @@ from __future__ import annotations
 import functools
 import hashlib
 import html
+import itertools
 import logging
 import re
+import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
 import pandas as pd
 
+from pipeline import storage
 from pipeline.align import align_verses
-from pipeline.config import FolderSource, InputError, Source, SwordSource, TableSource, TextPairSource, TsvSource
+from pipeline.config import (FolderSource, InputError, ParallelParams, Source, SwordSource, TableSource,
+                             TextPairSource, TsvSource)
+from pipeline.parallel import shard_pool
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["id", "origin", "src", "tgt"]
+# A pair as read: (natural id or None, source side, target side). Sources yield them one at a time,
+# so that none is ever held whole (but a Bible, which is bounded).
+Row = tuple[str | None, str, str]
 
 
 class CorpusError(InputError):
@@ -110,7 +124,7 @@ def read_sword_module(library: str, module: str, books: list[str] | None = None)
     return verses
 
 
-def read_sword_pairs(source: SwordSource, drops: Drops, notes: dict) -> pd.DataFrame:
+def read_sword_pairs(source: SwordSource, drops: Drops, notes: dict) -> list[Row]:
     """Verse pairs of two Bible modules. Verses are paired by reference, except in chapters where
     the translations number verses differently: there by length (see pipeline.align)."""
     src = {ref: osis_to_text(markup, drops) for ref, markup in
@@ -127,110 +141,126 @@ def read_sword_pairs(source: SwordSource, drops: Drops, notes: dict) -> pd.DataF
     drops.add("repaired_verses_realigned", sum(1 for s, t in pairs if s != t))
     notes.setdefault("realigned_chapters", []).extend(realigned)
     notes.setdefault("misaligned_chapters_left_out", []).extend(misaligned)
-    frame = pd.DataFrame([(s, src[s], tgt[t]) for s, t in pairs], columns=["id", "src", "tgt"])
-    frame.insert(1, "origin", source.name)
-    return frame
+    return [(s, src[s], tgt[t]) for s, t in pairs]
 
 
-# ---------------------------------------------------------------- tab-separated pairs
-
+# ---------------------------------------------------------------- tab-separated pairs and tables
 
 def content_id(src: str, tgt: str) -> str:
     """A stable id for a pair without one: a hash of its (cleaned) content."""
     return hashlib.sha1(f"{src}\t{tgt}".encode()).hexdigest()[:16]
 
 
-def decoded_lines(path: str | Path, drops: Drops) -> list[tuple[int, str | None]]:
-    """(line number, text) for every line of a UTF-8 text file; text is None where the line is
-    unreadable (NUL bytes, invalid UTF-8), which is counted with its place. A BOM and CRLF line
-    endings are accepted."""
+def decoded_lines(path: str | Path, drops: Drops) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) for every line of a UTF-8 text file, streamed; text is None where the
+    line is unreadable (NUL bytes, invalid UTF-8), which is counted with its place. A BOM and CRLF
+    line endings are accepted."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        file = open(path, "rb")
     except OSError as e:
         raise CorpusError(f"{path}: cannot read: {e.strerror}") from None
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    out: list[tuple[int, str | None]] = []
-    for number, raw in enumerate(lines, start=1):
-        raw = raw.rstrip(b"\r")
-        if b"\x00" in raw:
-            drops.add("binary_line", where=f"{path}:{number}")
-            out.append((number, None))
-            continue
-        try:
-            out.append((number, raw.decode("utf-8")))
-        except UnicodeDecodeError:
-            drops.add("invalid_utf8", where=f"{path}:{number}")
-            out.append((number, None))
-    return out
+    with file:
+        for number, raw in enumerate(file, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.removesuffix(b"\n").rstrip(b"\r")
+            if b"\x00" in raw:
+                drops.add("binary_line", where=f"{path}:{number}")
+                yield number, None
+                continue
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                drops.add("invalid_utf8", where=f"{path}:{number}")
+                yield number, None
 
 
-def read_tsv_pairs(path: str | Path, origin: str, drops: Drops) -> pd.DataFrame:
+def tsv_rows(path: str | Path, drops: Drops) -> Iterator[Row]:
     """Pairs from `source<TAB>target[<TAB>attribution...]` lines; bad lines are counted, not fatal."""
-    rows = []
     for number, line in decoded_lines(path, drops):
         if line is None or not line.strip():
             continue
-        fields = line.split("\t")
+        fields = line.split("\t", 2)
         if len(fields) < 2:
             drops.add("missing_column", where=f"{path}:{number}")
             continue
-        rows.append((fields[0], fields[1]))
-    return _frame(rows, origin)
+        yield None, fields[0], fields[1]
 
 
-def read_text_pair(src_path: str | Path, tgt_path: str | Path, origin: str, drops: Drops) -> pd.DataFrame:
+_END = object()
+
+
+def text_pair_rows(src_path: str | Path, tgt_path: str | Path, drops: Drops) -> Iterator[Row]:
     """Pairs from two aligned plain-text files, line by line. Files of different lengths cannot
     be aligned, so they are an error rather than a guess."""
     src, tgt = decoded_lines(src_path, drops), decoded_lines(tgt_path, drops)
-    if len(src) != len(tgt):
-        raise CorpusError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
-                          "aligned files need one sentence a line on both sides")
-    rows = [(s, t) for (_, s), (_, t) in zip(src, tgt)]
-    unreadable = sum(1 for s, t in rows if s is None or t is None)
-    drops.add("partner_line_unreadable", unreadable - sum(1 for s, t in rows if s is None and t is None))
-    return _frame([(s, t) for s, t in rows if s is not None and t is not None], origin)
+    for number, (left, right) in enumerate(itertools.zip_longest(src, tgt, fillvalue=_END), start=1):
+        if left is _END or right is _END:
+            longer = number + sum(1 for _ in (src if right is _END else tgt))
+            src_lines, tgt_lines = (longer, number - 1) if right is _END else (number - 1, longer)
+            raise CorpusError(f"{src_path} has {src_lines} lines but {tgt_path} has {tgt_lines}: "
+                              "aligned files need one sentence a line on both sides")
+        (_, s), (_, t) = left, right
+        if s is None or t is None:
+            if s is not None or t is not None:
+                drops.add("partner_line_unreadable")
+            continue
+        yield None, s, t
 
 
-def read_table_pairs(source: TableSource, drops: Drops) -> pd.DataFrame:
-    """Pairs from a CSV, TSV or Parquet file with named columns."""
+def as_text(value) -> str:
+    """A table's value as text, a null (Parquet and Arrow have them) as an empty side, which
+    cleaning counts as such: never the text "None" or "nan", which would be trained on."""
+    return "" if value is None or value != value else str(value)  # value != value: NaN
+
+
+def csv_batches(path: Path, drops: Drops) -> tuple[list[str], Iterator]:
+    """The column names and a stream of record batches of a CSV or TSV file, every value a string
+    (no NA conversion: an empty field is an empty side); malformed rows are counted and skipped."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    def malformed(row) -> str:
+        drops.add("malformed_row")
+        return "skip"
+
+    parse = csv.ParseOptions(delimiter="\t" if path.suffix in (".tsv", ".tab") else ",",
+                             newlines_in_values=True, invalid_row_handler=malformed)
+    with csv.open_csv(path, parse_options=parse) as probe:  # the header, to type every column as text
+        names = probe.schema.names
+    convert = csv.ConvertOptions(column_types={name: pa.string() for name in names}, null_values=[],
+                                 strings_can_be_null=False, quoted_strings_can_be_null=False)
+    return names, csv.open_csv(path, parse_options=parse, convert_options=convert)
+
+
+def table_rows(source: TableSource, drops: Drops, batch_rows: int) -> Iterator[Row]:
+    """Pairs from a CSV, TSV or Parquet file with named columns, streamed in record batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(source.path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: not found")
     try:
         if path.suffix == ".parquet":
-            table = pd.read_parquet(path)
+            parquet = pq.ParquetFile(path)
+            names, batches = parquet.schema_arrow.names, None
         else:
-            table = pd.read_csv(path, sep="\t" if path.suffix in (".tsv", ".tab") else ",", dtype=str,
-                                keep_default_na=False, encoding="utf-8-sig",
-                                on_bad_lines=lambda fields: drops.add("malformed_row") and None, engine="python")
-    except FileNotFoundError:
-        raise CorpusError(f"{path}: not found") from None
-    except (UnicodeDecodeError, ValueError, OSError, pd.errors.ParserError) as e:
+            names, batches = csv_batches(path, drops)
+        wanted = [c for c in (source.src_column, source.tgt_column, source.id_column) if c]
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise CorpusError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(names)})")
+        if batches is None:
+            batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted)
+        for batch in batches:
+            src, tgt = (map(as_text, batch.column(c).to_pylist()) for c in (source.src_column, source.tgt_column))
+            ids = ((f"{source.name}:{i}" for i in batch.column(source.id_column).to_pylist())
+                   if source.id_column else itertools.repeat(None))
+            yield from zip(ids, src, tgt)
+    except (pa.ArrowException, OSError) as e:
         raise CorpusError(f"{path}: cannot read as a table: {e}") from None
-    wanted = [c for c in (source.src_column, source.tgt_column, source.id_column) if c]
-    missing = [c for c in wanted if c not in table.columns]
-    if missing:
-        raise CorpusError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(map(str, table.columns))})")
-    frame = _frame(list(zip(text_column(table, source.src_column), text_column(table, source.tgt_column))),
-                   source.name)
-    if source.id_column:
-        frame["id"] = [f"{source.name}:{i}" for i in table[source.id_column].astype(str)]
-    return frame
-
-
-def text_column(table: pd.DataFrame, column: str) -> list[str]:
-    """A column's values as text, a null (Parquet and Arrow have them) as an empty side, which
-    cleaning counts as such: never the text "None" or "nan", which would be trained on."""
-    return ["" if pd.api.types.is_scalar(value) and pd.isna(value) else str(value) for value in table[column]]
-
-
-def _frame(rows: list[tuple[str, str]], origin: str) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=["src", "tgt"], dtype=object)
-    frame.insert(0, "origin", origin)
-    return frame
 
 
 def describe(source: Source) -> str:
@@ -242,21 +272,48 @@ def describe(source: Source) -> str:
     return source.path
 
 
-def read_source(source: Source, drops: Drops, notes: dict) -> pd.DataFrame:
+def source_parts(source: Source, drops: Drops, notes: dict, batch_rows: int) -> Iterator[Iterable[Row]]:
+    """A source's rows, one iterable per file: a chunk never spans two files, so a file added to a
+    folder adds shards and leaves the earlier ones as they were."""
     if isinstance(source, SwordSource):
-        return read_sword_pairs(source, drops, notes)
-    if isinstance(source, TsvSource):
-        return read_tsv_pairs(source.path, source.name, drops)
-    if isinstance(source, TableSource):
-        return read_table_pairs(source, drops)
-    if isinstance(source, TextPairSource):
-        return read_text_pair(source.src_path, source.tgt_path, source.name, drops)
-    if isinstance(source, FolderSource):
+        yield read_sword_pairs(source, drops, notes)
+    elif isinstance(source, TsvSource):
+        yield tsv_rows(source.path, drops)
+    elif isinstance(source, TableSource):
+        yield table_rows(source, drops, batch_rows)
+    elif isinstance(source, TextPairSource):
+        yield text_pair_rows(source.src_path, source.tgt_path, drops)
+    elif isinstance(source, FolderSource):
         if not Path(source.path).is_dir():
             raise CorpusError(f"{source.path}: not a folder (ingest.sources: {source.name})")
-        frames = [read_tsv_pairs(f, source.name, drops) for f in sorted(Path(source.path).glob("*.tsv"))]
-        return pd.concat(frames, ignore_index=True) if frames else _frame([], source.name)
-    raise TypeError(f"unknown source {source!r}")
+        for path in sorted(Path(source.path).glob("*.tsv")):
+            yield tsv_rows(path, drops)
+    else:
+        raise TypeError(f"unknown source {source!r}")
+
+
+@dataclass
+class Chunk:
+    """Up to `ingest.shard_pairs` rows of one file, as read: a worker's task."""
+
+    index: int
+    origin: str
+    rows: list[Row]
+
+
+def read_chunks(sources: list[Source], drops: Drops, notes: dict, read: dict[str, int],
+                chunk_rows: int) -> Iterator[Chunk]:
+    """Every source's rows in chunks, in order, counting what each source gave in `read`."""
+    index = 0
+    for source in sources:
+        read[source.name] = 0
+        for rows in source_parts(source, drops, notes, chunk_rows):
+            rows = iter(rows)
+            while chunk := list(itertools.islice(rows, chunk_rows)):
+                read[source.name] += len(chunk)
+                yield Chunk(index, source.name, chunk)
+                index += 1
+        log.info("read %d pairs from %s source %r", read[source.name], source.kind, source.name)
 
 
 # ---------------------------------------------------------------- cleaning
@@ -273,8 +330,8 @@ def normalise(text: str) -> str:
 MAX_CHARS_PER_WORD = 25  # a side longer than max_words * this is over-long even without spaces
 
 
-def clean_pairs(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: float) -> pd.DataFrame:
-    """Apply each cleaning rule in turn, counting the pairs it drops."""
+def clean_rows(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: float) -> pd.DataFrame:
+    """Apply each cleaning rule that looks at one pair alone, in turn, counting the pairs it drops."""
     frame = frame.copy()
     for side in ("src", "tgt"):
         cleaned = frame[side].map(normalise)
@@ -296,40 +353,127 @@ def clean_pairs(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: fl
     ratio = (src_words + 1) / (tgt_words + 1)
     drop((ratio > max_ratio) | (ratio < 1 / max_ratio), "length_ratio")
     drop(frame["src"].str.casefold() == frame["tgt"].str.casefold(), "source_equals_target")
-    drop(frame.duplicated(["src", "tgt"]), "duplicate")
-    return frame.reset_index(drop=True)
+    return frame
 
 
-def ingest(sources: list[Source], max_words: int, max_ratio: float) -> tuple[pd.DataFrame, dict]:
-    """Read, clean and combine all sources; returns the pairs and a report of counts by reason."""
-    drops, notes = Drops(), {}
-    frames, read_per_source = [], {}
-    for source in sources:
-        frame = read_source(source, drops, notes)
-        read_per_source[source.name] = len(frame)
-        log.info("read %d pairs from %s source %r", len(frame), source.kind, source.name)
-        frames.append(frame)
-    raw = pd.concat(frames, ignore_index=True)
-    pairs = clean_pairs(raw, drops, max_words, max_ratio)
-    if pairs.empty:
-        where = "; ".join(f"{s.kind} source {s.name!r} ({describe(s)}): {read_per_source[s.name]} read"
-                          for s in sources)
+def clean_pairs(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: float) -> pd.DataFrame:
+    """clean_rows, then the duplicates dropped (in one frame; ingest does it over the whole corpus)."""
+    frame = clean_rows(frame, drops, max_words, max_ratio)
+    duplicate = frame.duplicated(["src", "tgt"])
+    drops.add("duplicate", int(duplicate.sum()))
+    return frame[~duplicate].reset_index(drop=True)
+
+
+def hash64(texts: Iterable[str]) -> np.ndarray:
+    """A 64-bit hash of each text (pandas' keyed SipHash: the same in every process and run)."""
+    return pd.util.hash_array(np.array(list(texts), dtype=object))
+
+
+@dataclass
+class CleanedChunk:
+    """What a chunk's task sends back: the drops, and for each kept pair a hash of its text and of
+    its id, in order (16 bytes a pair; the pairs themselves stay in the chunk's file)."""
+
+    path: str
+    counts: Counter
+    pair_hashes: np.ndarray
+    id_hashes: np.ndarray
+
+
+def clean_chunk(chunk: Chunk, max_words: int, max_ratio: float, folder: str) -> CleanedChunk:
+    """A worker's task: clean a chunk, give pairs without a natural id a content hash of the cleaned
+    text, and write the kept pairs to `folder`."""
+    drops = Drops()
+    frame = pd.DataFrame(chunk.rows, columns=["id", "src", "tgt"], dtype=object)
+    frame.insert(1, "origin", chunk.origin)
+    pairs = clean_rows(frame, drops, max_words, max_ratio).reset_index(drop=True)
+    missing = pairs["id"].isna()
+    pairs.loc[missing, "id"] = [f"{chunk.origin}:{content_id(s, t)}"
+                                for s, t in pairs.loc[missing, ["src", "tgt"]].itertuples(index=False)]
+    path = str(Path(folder) / storage.shard_name(chunk.index))
+    pairs[COLUMNS].to_parquet(path, index=False)
+    # Normalised text holds no tab, so "src<TAB>tgt" names a pair unambiguously.
+    return CleanedChunk(path, drops.counts, hash64(pairs["src"] + "\t" + pairs["tgt"]), hash64(pairs["id"]))
+
+
+def first_occurrences(hashes: np.ndarray) -> np.ndarray:
+    """True where a hash is seen for the first time, in order."""
+    _, first = np.unique(hashes, return_index=True)
+    seen_first = np.zeros(len(hashes), dtype=bool)
+    seen_first[first] = True
+    return seen_first
+
+
+def keep_first_pairs(chunks: list[CleanedChunk], drops: Drops, no_pairs_left: Callable[[], None]) -> list[np.ndarray]:
+    """Which pairs of each chunk to keep: the first of each text over the whole corpus (the rest count
+    as `duplicate`), then among those the first of each id (the rest: `duplicate_id`)."""
+    sizes = [len(c.pair_hashes) for c in chunks]
+    keep = first_occurrences(np.concatenate([c.pair_hashes for c in chunks] or [np.empty(0, np.uint64)]))
+    drops.add("duplicate", int((~keep).sum()))
+    if not keep.any():
+        no_pairs_left()
+    survivors = np.flatnonzero(keep)
+    id_hashes = np.concatenate([c.id_hashes for c in chunks])[survivors]
+    first_id = first_occurrences(id_hashes)
+    drops.add("duplicate_id", int((~first_id).sum()))
+    keep[survivors[~first_id]] = False
+    return np.split(keep, np.cumsum(sizes)[:-1])
+
+
+def write_shard(task: tuple[str, np.ndarray, str]) -> int:
+    """A worker's task: a chunk's kept pairs, (chunk file, which rows, shard file), as a final shard."""
+    chunk_path, keep, shard_path = task
+    pairs = pd.read_parquet(chunk_path)[keep].reset_index(drop=True)
+    pairs.to_parquet(shard_path, index=False)
+    storage.fsync(Path(shard_path))
+    Path(chunk_path).unlink()
+    return len(pairs)
+
+
+def ingest_shards(sources: list[Source], out: str | Path, *, max_words: int, max_ratio: float,
+                  shard_pairs: int, parallel: ParallelParams) -> dict:
+    """Read, clean and combine all sources into parquet shards in the folder `out` (replaced whole,
+    atomically); returns a report of counts by reason. Reading and deduplication run here; cleaning
+    and writing run as tasks of `parallel`'s pool, a chunk each."""
+    out = Path(out).absolute()
+    drops, notes, read = Drops(), {}, {}
+
+    def no_pairs_left() -> None:
+        where = "; ".join(f"{s.kind} source {s.name!r} ({describe(s)}): {read[s.name]} read" for s in sources)
         raise CorpusError(f"no pairs left to train on. {where}. Dropped: {drops.as_dict() or 'none'}")
-    # Pairs without a natural id (not Bible verses) get a content hash of the cleaned text.
-    missing = pairs["id"].isna() if "id" in pairs else pd.Series(True, index=pairs.index)
-    pairs.loc[missing, "id"] = [
-        f"{o}:{content_id(s, t)}" for o, s, t in pairs.loc[missing, ["origin", "src", "tgt"]].itertuples(index=False)
-    ]
-    duplicate_id = pairs["id"].duplicated()
-    drops.add("duplicate_id", int(duplicate_id.sum()))
-    pairs = pairs[~duplicate_id][COLUMNS].reset_index(drop=True)
+
+    with storage.temporary_folder_beside(out, "chunks") as chunk_folder, \
+            storage.atomic_folder(out) as shard_folder:
+        chunks = read_chunks(sources, drops, notes, read, shard_pairs)
+        first = list(itertools.islice(chunks, 2))  # one chunk alone needs no cluster
+        with shard_pool(parallel, tasks=len(first) if len(first) < 2 else None) as pool:
+            cleaned = list(pool.map(clean_chunk, itertools.chain(first, chunks), max_words, max_ratio,
+                                    str(chunk_folder)))
+            for chunk in cleaned:
+                for reason, n in chunk.counts.items():
+                    drops.add(reason, n)
+            keeps = keep_first_pairs(cleaned, drops, no_pairs_left)
+            tasks = [(c.path, keep) for c, keep in zip(cleaned, keeps) if keep.any()]
+            tasks = [(path, keep, str(shard_folder / storage.shard_name(i))) for i, (path, keep) in enumerate(tasks)]
+            kept = sum(pool.map(write_shard, tasks))
     counts = drops.as_dict()
-    report = {
-        "read": read_per_source,
-        "kept": len(pairs),
+    return {
+        "read": read,
+        "kept": kept,
+        "shards": len(tasks),
         "dropped": {k: v for k, v in counts.items() if not k.startswith("repaired_")},
         "repaired": {k.removeprefix("repaired_"): v for k, v in counts.items() if k.startswith("repaired_")},
         **notes,
         "examples": drops.examples,
     }
-    return pairs, report
+
+
+def ingest(sources: list[Source], max_words: int, max_ratio: float, shard_pairs: int = 100_000,
+           parallel: ParallelParams | None = None) -> tuple[pd.DataFrame, dict]:
+    """ingest_shards into a temporary folder, read back whole: the pairs and the report (for tests
+    and small tools; the stage keeps the shards)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "pairs"
+        report = ingest_shards(sources, out, max_words=max_words, max_ratio=max_ratio, shard_pairs=shard_pairs,
+                               parallel=parallel or ParallelParams(workers=1))
+        return storage.read_raw_pairs(out), report

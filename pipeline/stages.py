@@ -28,13 +28,13 @@ def show_counts(title: str, counts: dict[str, int]) -> None:
 
 
 def ingest(params: Params) -> dict:
-    from pipeline.corpus import ingest as read_and_clean
+    from pipeline.corpus import ingest_shards
 
     cfg = params.ingest
-    pairs, report = read_and_clean(cfg.sources, cfg.max_words, cfg.max_length_ratio)
-    storage.write_parquet(storage.RAW_PAIRS, pairs)
+    report = ingest_shards(cfg.sources, storage.RAW_PAIRS, max_words=cfg.max_words, max_ratio=cfg.max_length_ratio,
+                           shard_pairs=cfg.shard_pairs, parallel=params.parallel)
     storage.write_json(storage.REPORTS / "ingest.json", report)
-    show_counts(f"kept {report['kept']:,} pairs; dropped by reason:", report["dropped"])
+    show_counts(f"kept {report['kept']:,} pairs in {report['shards']} shards; dropped by reason:", report["dropped"])
     if report["repaired"]:
         show_counts("repaired and kept, by reason:", report["repaired"])
     for reason, places in report["examples"].items():

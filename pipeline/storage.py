@@ -5,12 +5,16 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # ingest's output: a folder of parquet shards (id, origin, src, tgt), read in name order.
 RAW_PAIRS = Path("data/raw/pairs")
@@ -39,6 +43,16 @@ def raw_shards(root: Path = RAW_PAIRS) -> list[Path]:
     return sorted(Path(root).glob("part-*.parquet"))
 
 
+def read_raw_pairs(root: Path = RAW_PAIRS) -> pd.DataFrame:
+    """ingest's shards as one frame, in order (for tests and small tools: a stage streams them)."""
+    import pandas as pd
+
+    shards = raw_shards(root)
+    if not shards:
+        raise FileNotFoundError(f"{root}: no shards of pairs (part-*.parquet) here: run `vamos ingest` first")
+    return pd.concat([pd.read_parquet(shard) for shard in shards], ignore_index=True)
+
+
 def split_path(split: str, root: Path = PREPARED) -> Path:
     return root / f"{split}.parquet"
 
@@ -63,6 +77,66 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def temporary_folder_beside(path: str | Path, purpose: str) -> Iterator[Path]:
+    """A new empty folder beside `path` (on its filesystem, which workers may share), removed after."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{purpose}."))
+    os.chmod(folder, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide it from teammates
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a new folder beside `path` to fill; it replaces `path` whole only if the block succeeds."""
+    with temporary_folder_beside(path, "new") as folder:
+        yield folder
+        replace_folder(folder, Path(path))
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
+AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where the system or the
+    filesystem cannot."""
+    import ctypes
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """Put folder `new` (its files already flushed to the disk) at `path`; the old folder, if any,
+    ends up at `new` for the caller to remove. A crash leaves the old folder or the new one at
+    `path`; where the filesystem cannot swap two paths at once, a crash between two renames leaves
+    none there and the old one beside it."""
+    fsync(new)
+    if not path.exists():
+        os.rename(new, path)
+    elif not exchange_paths(new, path):
+        old = new.with_name(new.name + ".old")
+        os.rename(path, old)
+        os.rename(new, path)
+        os.rename(old, new)
+    fsync(path.parent)
 
 
 def current_umask() -> int:
