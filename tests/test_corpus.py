@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 from pipeline.config import SwordSource
 from pipeline.corpus import CorpusError, Drops, clean_pairs, ingest, normalise, osis_to_text, read_sword_module, \
-    read_tsv_pairs
+    tsv_rows
 
 
 def test_removed_notes_do_not_glue_words():
@@ -63,14 +63,14 @@ def test_tsv_bad_lines_are_counted_not_fatal(tmp_path):
                      b"nul\x00\tbyte\n"
                      b"Good night.\tBuenas noches.\n")
     drops = Drops()
-    frame = read_tsv_pairs(path, "tsv", drops)
-    assert frame[["src", "tgt"]].values.tolist() == [["Hello.", "Hola."], ["Good night.", "Buenas noches."]]
+    rows = list(tsv_rows(path, drops))
+    assert rows == [(None, "Hello.", "Hola."), (None, "Good night.", "Buenas noches.")]
     assert drops.as_dict() == {"binary_line": 1, "invalid_utf8": 1, "missing_column": 1}
 
 
 def test_unreadable_file_names_the_file(tmp_path):
     with pytest.raises(CorpusError, match="missing.tsv"):
-        read_tsv_pairs(tmp_path / "missing.tsv", "tsv", Drops())
+        list(tsv_rows(tmp_path / "missing.tsv", Drops()))
 
 
 def test_each_cleaning_rule_is_counted():

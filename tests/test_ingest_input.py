@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import TableSource, TextPairSource, TsvSource
 from pipeline.corpus import CorpusError, ingest
+from pipeline.storage import read_raw_pairs
 
 GOOD = "The red dog sleeps.\tEl perro rojo duerme.\tCC-BY\n"
 GOOD_TOO = "Good night.\tBuenas noches.\n"
@@ -46,7 +47,7 @@ def test_bad_rows_are_counted_and_good_rows_kept(name, tmp_path, monkeypatch):
     data, expected_drops = BAD_FILES[name]
     code, output, report = ingest_file(tmp_path, monkeypatch, data)
     assert code == 0, output
-    kept = pd.read_parquet(tmp_path / "data/raw/pairs.parquet")
+    kept = read_raw_pairs(tmp_path / "data/raw/pairs")
     assert {"El perro rojo duerme.", "Buenas noches."} <= set(kept["tgt"])
     assert {"The red dog sleeps.", "Good night."} <= set(kept["src"])  # a BOM would stick to the first
     for reason, count in expected_drops.items():

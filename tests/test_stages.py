@@ -7,7 +7,7 @@ from collections import Counter
 
 import pandas as pd
 
-from pipeline.storage import SPLITS
+from pipeline.storage import SPLITS, read_raw_pairs
 from pipeline.embeddings import load_vectors
 from pipeline.evaluate import bleu_by_length
 from pipeline.stages import split_of
@@ -19,7 +19,7 @@ def read_json(path):
 
 
 def test_ingest_combines_sources_and_reports_counts(trained_project):
-    pairs = pd.read_parquet(trained_project / "data/raw/pairs.parquet")
+    pairs = read_raw_pairs(trained_project / "data/raw/pairs")
     assert list(pairs.columns) == ["id", "origin", "src", "tgt"]
     assert set(pairs["origin"]) == {"bible", "incoming"}
     assert pairs["id"].is_unique and "Ruth.1.1" in set(pairs["id"])
