@@ -3,7 +3,7 @@
 # side (one GPU holds them all; on a CPU give each its own machine), params.yaml's train.epochs
 # each (the CPU default's budget) unless the setting says otherwise, each keeping its last 5 validated weights
 # so that best and averaged can be compared, then benchmarks/score.py on each run's best
-# checkpoint. SETTINGS picks which settings run. Needs data/raw/pairs.parquet (`dvc repro
+# checkpoint. SETTINGS picks which settings run. Needs data/raw/pairs/ (`dvc repro
 # ingest`); each setting runs in a copy of the checkout under $ROOT.
 #
 #   bash benchmarks/levers.sh            # figures to stdout, logs and reports to $OUT
