@@ -225,13 +225,17 @@ def csv_batches(path: Path, drops: Drops) -> tuple[list[str], Iterator]:
         drops.add("malformed_row")
         return "skip"
 
-    parse = csv.ParseOptions(delimiter="\t" if path.suffix in (".tsv", ".tab") else ",",
-                             newlines_in_values=True, invalid_row_handler=malformed)
-    with csv.open_csv(path, parse_options=parse) as probe:  # the header, to type every column as text
+    def parse(on_bad_row) -> csv.ParseOptions:
+        return csv.ParseOptions(delimiter="\t" if path.suffix in (".tsv", ".tab") else ",",
+                                newlines_in_values=True, invalid_row_handler=on_bad_row)
+
+    # A first look for the header, to type every column as text. It parses a first block of rows,
+    # whose malformed ones the real read counts, not this one.
+    with csv.open_csv(path, parse_options=parse(lambda row: "skip")) as probe:
         names = probe.schema.names
     convert = csv.ConvertOptions(column_types={name: pa.string() for name in names}, null_values=[],
                                  strings_can_be_null=False, quoted_strings_can_be_null=False)
-    return names, csv.open_csv(path, parse_options=parse, convert_options=convert)
+    return names, csv.open_csv(path, parse_options=parse(malformed), convert_options=convert)
 
 
 def table_rows(source: TableSource, drops: Drops, batch_rows: int) -> Iterator[Row]:

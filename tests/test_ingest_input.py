@@ -113,3 +113,15 @@ def test_content_ids_are_stable_across_reingestion(tmp_path):
     path.write_text("New pair.\tNuevo par.\n" + GOOD, encoding="utf-8")
     second, _ = ingest([TsvSource(path=str(path))], 80, 3.0)
     assert first["id"].iloc[0] in set(second["id"]) and len(second) == 2
+
+
+def test_csv_rows_are_text_as_written_and_malformed_rows_counted_once(tmp_path):
+    """Strings as written (no NA or number conversion), each malformed row counted once, however
+    the file is cut into chunks."""
+    (tmp_path / "t.csv").write_text('english,spanish\nNA,nulo\n"Two,\nlines.",Dos líneas.\nx,y,z\n007,007 siete\n'
+                                    'Bye.,Adiós.\nonly one field\n', encoding="utf-8")
+    for shard_pairs in (1, 100):
+        pairs, report = ingest([TableSource(name="t", path=str(tmp_path / "t.csv"))], 80, 3.0, shard_pairs=shard_pairs)
+        assert pairs[["src", "tgt"]].values.tolist() == [["NA", "nulo"], ["Two, lines.", "Dos líneas."],
+                                                       ["007", "007 siete"], ["Bye.", "Adiós."]]
+        assert report["dropped"] == {"malformed_row": 2}
