@@ -457,8 +457,9 @@ def ingest_shards(sources: list[Source], out: str | Path, *, max_words: int, max
                 for reason, n in chunk.counts.items():
                     drops.add(reason, n)
             keeps = keep_first_pairs(cleaned, drops, no_pairs_left)
-            tasks = [(c.path, keep) for c, keep in zip(cleaned, keeps) if keep.any()]
-            tasks = [(path, keep, str(shard_folder / storage.shard_name(i))) for i, (path, keep) in enumerate(tasks)]
+            kept_chunks = [(c.path, keep) for c, keep in zip(cleaned, keeps) if keep.any()]
+            tasks = [(path, keep, str(shard_folder / storage.shard_name(i)))
+                     for i, (path, keep) in enumerate(kept_chunks)]
             kept = sum(pool.map(write_shard, tasks))
     counts = drops.as_dict()
     return {

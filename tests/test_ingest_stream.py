@@ -24,7 +24,8 @@ def write_corpus(root: Path) -> list:
     tsv = b"".join(line.encode() for line in lines) + b"Caf\xe9 au lait.\tCaf\xe9 con leche.\n" + b"no tab here\n"
     (root / "a.tsv").write_bytes(tsv + pair(12).encode())  # bad lines 12 and 13, in the third chunk
     (root / "incoming").mkdir()
-    (root / "incoming" / "1.tsv").write_text(pair(3) + pair(20) + pair(21), encoding="utf-8")  # 3: a duplicate across sources
+    # pair 3 again: a duplicate across sources
+    (root / "incoming" / "1.tsv").write_text(pair(3) + pair(20) + pair(21), encoding="utf-8")
     (root / "incoming" / "2.tsv").write_text("".join(pair(i) for i in range(22, 29)), encoding="utf-8")
     rows = ["key,english,spanish"] + [f"k{i},Table row {i}.,Fila {i} de la tabla." for i in range(1, 8)]
     rows.insert(7, "k2,Another text.,Otro texto.")  # k2 again, other text: a duplicate id, in the second chunk
