@@ -210,15 +210,32 @@ def train_side_subwords(cfg, side: str, train_parts: list[Path], sizes: list[int
     return train_subwords(sample, cfg.model, cfg.vocab_size, cfg.threads)
 
 
+# Rows per row group of the prepared parquet: groups of a fixed size make the file's bytes the
+# same however the corpus was sharded, and bound what the parent buffers.
+ROW_GROUP = 100_000
+
+
+def row_groups(parts: list[Path]) -> Iterator[pa.Table]:
+    """The parts' rows one after another, re-cut into tables of ROW_GROUP rows (the last shorter)."""
+    buffered, rows = [], 0
+    for path in parts:
+        table = pq.read_table(path)
+        buffered.append(table)
+        rows += table.num_rows
+        while rows >= ROW_GROUP:
+            joined = pa.concat_tables(buffered)
+            yield joined.slice(0, ROW_GROUP)
+            buffered, rows = [joined.slice(ROW_GROUP)], rows - ROW_GROUP
+    if rows:
+        yield pa.concat_tables(buffered)
+
+
 def write_split_text(split: str, parts: list[Path]) -> None:
-    """The split's parquet, the parts one after another, streamed."""
+    """The split's parquet, streamed."""
     with storage.atomic_path(split_path(split)) as tmp:
-        writer = None
-        for path in parts:
-            table = pq.read_table(path)
-            writer = writer or pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
-        writer.close()
+        with pq.ParquetWriter(tmp, pq.read_schema(parts[0])) as writer:
+            for table in row_groups(parts):
+                writer.write_table(table)
 
 
 def unk_rate(frame: pd.DataFrame, column: str, vocab: Vocab) -> float:
