@@ -30,7 +30,7 @@ def ingest(params: Params) -> dict:
 
     cfg = params.ingest
     pairs, report = read_and_clean(cfg.sources, cfg.max_words, cfg.max_length_ratio)
-    storage.write_parquet(storage.RAW_PAIRS, pairs)
+    storage.write_parquet(storage.RAW_PAIRS / storage.shard_name(0), pairs)  # until ingest writes shards itself
     storage.write_json(storage.REPORTS / "ingest.json", report)
     show_counts(f"kept {report['kept']:,} pairs; dropped by reason:", report["dropped"])
     if report["repaired"]:

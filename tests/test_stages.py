@@ -10,7 +10,7 @@ import pandas as pd
 from pipeline.storage import SPLITS
 from pipeline.embeddings import load_vectors
 from pipeline.evaluate import bleu_by_length
-from pipeline.stages import split_of
+from pipeline.prepare import split_of
 from pipeline.text import Tokenizer, Vocab
 
 
@@ -19,7 +19,7 @@ def read_json(path):
 
 
 def test_ingest_combines_sources_and_reports_counts(trained_project):
-    pairs = pd.read_parquet(trained_project / "data/raw/pairs.parquet")
+    pairs = pd.read_parquet(trained_project / "data/raw/pairs")
     assert list(pairs.columns) == ["id", "origin", "src", "tgt"]
     assert set(pairs["origin"]) == {"bible", "incoming"}
     assert pairs["id"].is_unique and "Ruth.1.1" in set(pairs["id"])
@@ -56,7 +56,7 @@ def test_split_of_is_the_same_in_every_process():
     """From sha256 of the id, not Python's hash(), which is salted anew in each process."""
     ids = [f"Gen.{c}.{v}" for c in range(1, 20) for v in range(1, 20)]
     here = [split_of(i, 0.05, 0.05) for i in ids]
-    code = "import json, sys; from pipeline.stages import split_of; " \
+    code = "import json, sys; from pipeline.prepare import split_of; " \
            "print(json.dumps([split_of(i, 0.05, 0.05) for i in json.load(sys.stdin)]))"
     for seed in ("1", "2"):
         other = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True, text=True,
