@@ -263,6 +263,7 @@ def prepare(params: Params) -> dict:
     shards = [str(p.resolve()) for p in raw_shards()]
     cache, work = CACHE.resolve(), WORK.resolve()
     shutil.rmtree(work, ignore_errors=True)
+    storage.PREPARED_MANIFEST.unlink(missing_ok=True)  # it would vouch for files this run replaces
     word_toks = word_tokenizers(params)
     subwords = cfg.subwords.model != "none"
     uncapped = HeldOut(cfg.split.valid, cfg.split.test)
@@ -275,23 +276,13 @@ def prepare(params: Params) -> dict:
         sources = frozenset().union(*pool.map(held_out_sources, cached, held_out))
         split_results = list(pool.map(split_shard, enumerate(cached), str(work), held_out, sources, not subwords))
         parts = {split: [part_path(str(work), split, i) for i in range(len(cached))] for split in SPLITS}
-        written = write_subword_models(params, pool, parts, [r["pairs"]["train"] for r in split_results])
+        written = write_subword_models(params, parts, [r["pairs"]["train"] for r in split_results])
         if subwords:
             counts = prepare_pieces(pool, parts, word_toks, written)
         else:
             counts = merge_counts(r["counts"] for r in split_results)
         vocabs = {side: Vocab.from_counts(counts[side], cfg.vocab.min_freq, cfg.vocab.max_size) for side in SIDES}
-        for side, vocab in vocabs.items():
-            vocab.save(storage.PREPARED / f"vocab.{side}.json")
-            written.append(storage.PREPARED / f"vocab.{side}.json")
-        for split in SPLITS:
-            write_split_text(split, parts[split])
-            written.append(split_path(split))
-            for side in SIDES:
-                token_ids.write(storage.PREPARED, split, side, pool.map(encode_part, map(str, parts[split]), side,
-                                                                       vocabs[side]))
-                written += [token_ids.ids_path(storage.PREPARED, split, side),
-                            token_ids.offsets_path(storage.PREPARED, split, side)]
+        written += write_splits(pool, parts, vocabs)
     report = build_report(params, split_results, counts, vocabs, moved)
     report |= {"shards_tokenised": len(shards) - from_cache, "shards_from_cache": from_cache}
     storage.write_json(storage.REPORTS / "prepare.json", report)
@@ -304,7 +295,25 @@ def prepare(params: Params) -> dict:
     return report
 
 
-def write_subword_models(params: Params, pool, parts: dict[str, list[Path]], train_sizes: list[int]) -> list[Path]:
+def write_splits(pool, parts: dict[str, list[Path]], vocabs: dict[str, Vocab]) -> list[Path]:
+    """The vocabularies, and each split's parquet and token ids, streamed from the parts. The files
+    written."""
+    written = []
+    for side, vocab in vocabs.items():
+        vocab.save(storage.PREPARED / f"vocab.{side}.json")
+        written.append(storage.PREPARED / f"vocab.{side}.json")
+    for split in SPLITS:
+        write_split_text(split, parts[split])
+        written.append(split_path(split))
+        for side in SIDES:
+            chunks = pool.map(encode_part, map(str, parts[split]), side, vocabs[side])
+            token_ids.write(storage.PREPARED, split, side, chunks)
+            written += [token_ids.ids_path(storage.PREPARED, split, side),
+                        token_ids.offsets_path(storage.PREPARED, split, side)]
+    return written
+
+
+def write_subword_models(params: Params, parts: dict[str, list[Path]], train_sizes: list[int]) -> list[Path]:
     """With subwords, train and write each side's sentencepiece model; without, remove those of an
     earlier subword run. The files written."""
     cfg = params.prepare.subwords
