@@ -94,8 +94,15 @@ class IngestParams(Strict):
 
 
 class SplitParams(Strict):
+    """A pair is a test candidate if the hash of its id, as a fraction u in [0, 1), is below `test`,
+    a valid candidate if below `test + valid`. Where a split has more candidates than its cap, the
+    cap with the smallest u stay and the rest train: as the corpus grows the threshold only
+    tightens, so no training pair ever becomes held out, and decoding them costs a bounded time."""
+
     valid: float = Field(0.01, gt=0, lt=0.5)
     test: float = Field(0.01, gt=0, lt=0.5)
+    max_valid: int = Field(3000, ge=1, le=1_000_000)
+    max_test: int = Field(3000, ge=1, le=1_000_000)
 
 
 class VocabParams(Strict):
@@ -111,6 +118,11 @@ class SubwordParams(Strict):
     # Pieces per language (a soft limit: a small corpus may give fewer). At least the characters
     # of the training text, which sentencepiece keeps whole (character_coverage 1.0).
     vocab_size: int = Field(8000, ge=100, le=1_000_000)
+    # Sentencepiece trains on at most this many training sentences, evenly spaced through the split.
+    sample_sentences: int = Field(1_000_000, ge=1000)
+    # Sentencepiece's threads. Its model's bytes depend on the count (measured: 1, 2 and 4 threads
+    # give three models), so the default keeps one: the same model on every machine.
+    threads: int = Field(1, ge=1, le=256)
 
 
 class PrepareParams(Strict):

@@ -2,16 +2,14 @@
 dvc.yaml calls each through `vamos <stage>`; nothing here knows about Prefect."""
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import replace
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from pipeline import storage
-from pipeline.config import PARAMS_FILE, Params, ParamsError
+from pipeline.config import Params
 from pipeline.storage import SPLITS, split_path
 
 log = logging.getLogger(__name__)
@@ -45,82 +43,10 @@ def ingest(params: Params) -> dict:
     return report
 
 
-def split_of(pair_id: str, valid: float, test: float) -> str:
-    """A pair's split from a hash of its stable id: the same pair always lands in the same split,
-    however the corpus grows."""
-    u = int.from_bytes(hashlib.sha256(pair_id.encode()).digest()[:8], "big") / 2**64
-    return "test" if u < test else "valid" if u < test + valid else "train"
-
-
-def check_subword_vocab(sentences, vocab_size: int, side: str) -> None:
-    """Sentencepiece needs a piece for every character, one for the word boundary and <unk>:
-    say so in terms of params.yaml, before sentencepiece says it in its own."""
-    needed = len(set("".join(sentences)) - {" "}) + 2
-    if vocab_size < needed:
-        raise ParamsError(f"{PARAMS_FILE}: prepare.subwords.vocab_size is {vocab_size}, but the {side} training "
-                          f"split has {needed - 2} distinct characters: it needs at least {needed} pieces")
-
-
 def prepare(params: Params) -> dict:
-    from pipeline.text import SUBWORD_FILE, Vocab, train_subwords, word_tokenizers
+    from pipeline.prepare import prepare as prepare_shards
 
-    cfg = params.prepare
-    pairs = pd.read_parquet(storage.RAW_PAIRS)
-    src_tok, tgt_tok = word_tokenizers(params)
-    pairs["src_tokens"] = [" ".join(src_tok.tokenize(s)) for s in pairs["src"]]
-    pairs["tgt_tokens"] = [" ".join(tgt_tok.tokenize(t)) for t in pairs["tgt"]]
-    pairs["split"] = [split_of(i, cfg.split.valid, cfg.split.test) for i in pairs["id"]]
-    # A held-out source sentence must not be seen in training, even paired with another target.
-    held_out = set(pairs.loc[pairs["split"] != "train", "src_tokens"])
-    leaking = (pairs["split"] == "train") & pairs["src_tokens"].isin(held_out)
-    pairs = pairs[~leaking]
-    frames = {s: pairs[pairs["split"] == s].drop(columns="split").reset_index(drop=True) for s in SPLITS}
-    subwords = cfg.subwords.model != "none"
-    for side in ("src", "tgt"):
-        model_file = storage.PREPARED / SUBWORD_FILE.format(side=side)
-        if not subwords:  # a word-level run leaves no models of an earlier subword run behind
-            model_file.unlink(missing_ok=True)
-            continue
-        # Trained on the training split's (case-handled) Moses words; then every split's words
-        # become pieces, which embed, train and evaluate take as they take words.
-        check_subword_vocab(frames["train"][f"{side}_tokens"], cfg.subwords.vocab_size, side)
-        model = train_subwords(frames["train"][f"{side}_tokens"], cfg.subwords.model, cfg.subwords.vocab_size)
-        with storage.atomic_path(model_file) as tmp:
-            tmp.write_bytes(model)
-        tok = replace(src_tok if side == "src" else tgt_tok, subwords=model)
-        for frame in frames.values():
-            frame[f"{side}_tokens"] = [" ".join(tok.pieces(s.split())) for s in frame[f"{side}_tokens"]]
-    for split, frame in frames.items():
-        storage.write_parquet(split_path(split), frame)
-    train = frames["train"]
-    src_vocab = Vocab.build((s.split() for s in train["src_tokens"]), cfg.vocab.min_freq, cfg.vocab.max_size)
-    tgt_vocab = Vocab.build((s.split() for s in train["tgt_tokens"]), cfg.vocab.min_freq, cfg.vocab.max_size)
-    src_vocab.save(storage.PREPARED / "vocab.src.json")
-    tgt_vocab.save(storage.PREPARED / "vocab.tgt.json")
-
-    def unk_rate(frame: pd.DataFrame, column: str, vocab: Vocab) -> float:
-        tokens = [t for s in frame[column] for t in s.split()]
-        return round(sum(t not in vocab for t in tokens) / max(len(tokens), 1), 4)
-
-    train_tokens = {side: int(train[f"{side}_tokens"].str.split().str.len().sum()) for side in ("src", "tgt")}
-    report = {
-        "pairs": {s: len(f) for s, f in frames.items()},
-        "dropped_train_pairs_with_held_out_source": int(leaking.sum()),
-        "vocab": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
-        "train_tokens": train_tokens,
-        "test_unk_rate": {"src": unk_rate(frames["test"], "src_tokens", src_vocab),
-                          "tgt": unk_rate(frames["test"], "tgt_tokens", tgt_vocab)},
-        # Pieces, with subwords: fewer unknowns cost longer sequences.
-        "mean_train_tokens_per_sentence": {side: round(n / max(len(train), 1), 2)
-                                           for side, n in train_tokens.items()},
-    }
-    if subwords:
-        import sentencepiece
-
-        report["subwords"] = cfg.subwords.model_dump() | {"sentencepiece": sentencepiece.__version__}
-    storage.write_json(storage.REPORTS / "prepare.json", report)
-    log.info("prepared %s; vocab %s", report["pairs"], report["vocab"])
-    return report
+    return prepare_shards(params)
 
 
 def embed(params: Params) -> dict:

@@ -112,9 +112,9 @@ def join_pieces(pieces: Sequence[str]) -> list[str]:
     return text.replace(SPACE, " ").split()
 
 
-def train_subwords(sentences: Iterable[str], model_type: str, vocab_size: int) -> bytes:
+def train_subwords(sentences: Iterable[str], model_type: str, vocab_size: int, threads: int = 1) -> bytes:
     """A serialized sentencepiece model trained on space-separated Moses words, the same bytes
-    for the same sentences on every run: one thread, every sentence read in order, a fixed seed.
+    for the same sentences and `threads` on every run: every sentence read in order, a fixed seed.
 
     Identity normalisation keeps pieces substrings of the words (no NFKC), so pieces decode back to
     exactly the words; character_coverage 1.0 keeps every training character. No byte fallback:
@@ -131,7 +131,7 @@ def train_subwords(sentences: Iterable[str], model_type: str, vocab_size: int) -
         vocab_size=vocab_size, hard_vocab_limit=False,  # a small corpus gets fewer pieces, not an error
         character_coverage=1.0, byte_fallback=False, normalization_rule_name="identity",
         split_by_whitespace=True, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1,
-        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+        num_threads=threads, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
     return model.getvalue()
 
 
@@ -173,7 +173,11 @@ class Vocab:
 
     @classmethod
     def build(cls, sentences: Iterable[Sequence[str]], min_freq: int, max_size: int) -> "Vocab":
-        counts = Counter(t for s in sentences for t in s)
+        return cls.from_counts(Counter(t for s in sentences for t in s), min_freq, max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, min_freq: int, max_size: int) -> "Vocab":
+        """The most frequent tokens seen at least `min_freq` times, ties in token order."""
         ranked = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
         return cls(ranked[: max_size - len(SPECIALS)])
 

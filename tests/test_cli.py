@@ -125,7 +125,7 @@ def test_missing_input_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "p")
     result = runner.invoke(app, ["prepare"])
     assert result.exit_code == 2
-    assert "data/raw/pairs" in result.output
+    assert "data/raw/pairs: run `vamos" in result.output
 
 
 def test_a_file_lock_held_elsewhere_is_a_temporary_failure(tmp_path):

@@ -10,7 +10,7 @@ import pandas as pd
 from pipeline.storage import SPLITS, read_raw_pairs
 from pipeline.embeddings import load_vectors
 from pipeline.evaluate import bleu_by_length
-from pipeline.stages import split_of
+from pipeline.prepare import split_of
 from pipeline.text import Tokenizer, Vocab
 
 
@@ -56,7 +56,7 @@ def test_split_of_is_the_same_in_every_process():
     """From sha256 of the id, not Python's hash(), which is salted anew in each process."""
     ids = [f"Gen.{c}.{v}" for c in range(1, 20) for v in range(1, 20)]
     here = [split_of(i, 0.05, 0.05) for i in ids]
-    code = "import json, sys; from pipeline.stages import split_of; " \
+    code = "import json, sys; from pipeline.prepare import split_of; " \
            "print(json.dumps([split_of(i, 0.05, 0.05) for i in json.load(sys.stdin)]))"
     for seed in ("1", "2"):
         other = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True, text=True,

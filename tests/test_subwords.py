@@ -13,7 +13,8 @@ from pipeline import storage
 from pipeline.config import ParamsError, load_params
 from pipeline.decode import Translator, replace_unknowns
 from pipeline.model import load_model, save_model
-from pipeline.stages import check_subword_vocab, prepare
+from pipeline.prepare import check_subword_vocab
+from pipeline.stages import prepare
 from pipeline.text import UNK, Tokenizer, Vocab, tokenizers, train_subwords
 from tests.conftest import small_params, tiny_pairs
 from tests.test_model import make_model
@@ -142,8 +143,10 @@ def write_project(root, model: str, vocab_size: int = 120):
     pairs = tiny_pairs() + list(zip(SENTENCES["en"], SENTENCES["es"])) * 2
     frame = pd.DataFrame({"id": [f"t.{i}" for i in range(len(pairs))], "origin": "tiny",
                           "src": [s for s, _ in pairs], "tgt": [t for _, t in pairs]})
-    storage.RAW_PAIRS.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(storage.RAW_PAIRS, index=False)
+    storage.RAW_PAIRS.mkdir(parents=True, exist_ok=True)
+    half = len(frame) // 2  # two shards, as ingest writes them
+    for i, shard in enumerate((frame[:half], frame[half:])):
+        shard.to_parquet(storage.RAW_PAIRS / storage.shard_name(i), index=False)
     return load_params()
 
 
@@ -166,7 +169,8 @@ def test_prepare_writes_subword_models_and_pieces(tmp_path, monkeypatch):
         assert row.tgt_tokens.split() == tgt_tok.tokenize(row.tgt)
     for (row, word_row) in zip(train.itertuples(), word_train.itertuples()):
         assert "".join(row.tgt_tokens.split()).replace("\u2581", " ").split() == word_row.tgt_tokens.split()
-    assert report["subwords"] == {"model": "unigram", "vocab_size": 120, "sentencepiece": sentencepiece.__version__}
+    assert report["subwords"] == {"model": "unigram", "vocab_size": 120, "sample_sentences": 1_000_000, "threads": 1,
+                                  "sentencepiece": sentencepiece.__version__}
     assert report["mean_train_tokens_per_sentence"]["tgt"] > word["mean_train_tokens_per_sentence"]["tgt"]
     assert report["test_unk_rate"]["tgt"] <= word["test_unk_rate"]["tgt"]
     assert json.loads((storage.REPORTS / "prepare.json").read_text()) == report

@@ -1,0 +1,178 @@
+"""prepare, sharded (pipeline.prepare): the same outputs from one shard or several, inline or on a
+real Dask cluster; capped held-out splits that never take a training pair; a cache that
+tokenises only new shards; token ids that are the vocabulary's encoding of the tokens."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import pipeline.prepare
+from dask_cluster import dask_scheduler  # noqa: F401
+from pipeline import storage, token_ids
+from pipeline.config import load_params
+from pipeline.prepare import CACHE, hash_fraction, sample_rows, split_hash
+from pipeline.stages import prepare
+from pipeline.storage import SPLITS
+from pipeline.text import Vocab
+from tests.conftest import small_params
+
+ANIMALS = ["dog", "cat", "king", "man", "horse", "bird", "son", "brother"]
+
+
+def corpus(n: int, start: int = 0) -> pd.DataFrame:
+    """n pairs of distinct sentences (so no training pair shares a held-out source), ids p.<i>."""
+    rows = range(start, start + n)
+    return pd.DataFrame({"id": [f"p.{i}" for i in rows], "origin": "tests",
+                         "src": [f"The {ANIMALS[i % 8]} number {i} sleeps." for i in rows],
+                         "tgt": [f"El {ANIMALS[i % 8]} número {i} duerme." for i in rows]})
+
+
+def write_shards(root: Path, frames: list[pd.DataFrame]) -> None:
+    folder = root / storage.RAW_PAIRS
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, frame in enumerate(frames):
+        frame.to_parquet(folder / storage.shard_name(i), index=False)
+
+
+def cut(frame: pd.DataFrame, shards: int) -> list[pd.DataFrame]:
+    bounds = np.linspace(0, len(frame), shards + 1).astype(int)
+    return [frame[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def run_prepare(root: Path, monkeypatch, frames: list[pd.DataFrame], **settings) -> dict:
+    """prepare in the project `root`, on these shards; settings are dotted params (`split.max_test`)."""
+    params = small_params()
+    params["parallel"] = {"workers": 1, "scheduler": None}
+    for key, value in settings.items():
+        *path, name = key.split(".")
+        section = params
+        for part in path:
+            section = section[part]
+        section[name] = value
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_shards(root, frames)
+    monkeypatch.chdir(root)
+    return prepare(load_params())
+
+
+def prepared_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / storage.PREPARED).iterdir())}
+
+
+def frames(root: Path) -> dict[str, pd.DataFrame]:
+    return {s: pd.read_parquet(storage.split_path(s, root / storage.PREPARED)) for s in SPLITS}
+
+
+def without_shard_counts(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("shards_tokenised", "shards_from_cache")}
+
+
+def test_several_shards_give_the_outputs_of_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.prepare, "ROW_GROUP", 7)  # row groups that straddle shards
+    pairs = corpus(300)
+    one = run_prepare(tmp_path / "one", monkeypatch, [pairs])
+    three = run_prepare(tmp_path / "three", monkeypatch, cut(pairs, 3))
+    assert (one["shards_tokenised"], three["shards_tokenised"]) == (1, 3)
+    assert without_shard_counts(one) == without_shard_counts(three)
+    for split, frame in frames(tmp_path / "one").items():
+        assert frame.equals(frames(tmp_path / "three")[split])
+    assert prepared_files(tmp_path / "one") == prepared_files(tmp_path / "three")
+    assert pq.ParquetFile(tmp_path / "one/data/prepared/train.parquet").num_row_groups > 30
+    assert sum(len(f) for f in frames(tmp_path / "one").values()) == len(pairs)
+
+
+def test_token_ids_are_the_vocabularys_encoding_and_the_manifest_their_md5s(tmp_path, monkeypatch):
+    run_prepare(tmp_path, monkeypatch, cut(corpus(200), 2), **{"prepare.vocab.min_freq": 2})
+    prepared = tmp_path / storage.PREPARED
+    for split, frame in frames(tmp_path).items():
+        for side in ("src", "tgt"):
+            vocab = Vocab.load(prepared / f"vocab.{side}.json")
+            ids = token_ids.TokenIds(prepared, split, side)
+            assert len(ids) == len(frame) > 0
+            for i, tokens in enumerate(frame[f"{side}_tokens"]):
+                assert ids[i].tolist() == vocab.encode(tokens.split())
+    assert token_ids.TokenIds(prepared, "train", "src")[0].tolist().count(1) >= 1  # min_freq 2 left unknowns
+    manifest = json.loads((prepared / "manifest.json").read_text())["files"]
+    assert set(manifest) == set(prepared_files(tmp_path)) - {"manifest.json"}
+    assert all(storage.file_md5(prepared / name) == md5 for name, md5 in manifest.items())
+
+
+def held_out_ids(root: Path) -> dict[str, set[str]]:
+    return {s: set(f["id"]) for s, f in frames(root).items()}
+
+
+def test_capped_splits_keep_the_smallest_hashes_and_never_take_a_training_pair(tmp_path, monkeypatch):
+    caps = {"prepare.split": {"valid": 0.2, "test": 0.2, "max_valid": 9, "max_test": 7}}
+    pairs = corpus(300)
+    report = run_prepare(tmp_path, monkeypatch, cut(pairs, 2), **caps)
+    u = hash_fraction([split_hash(i) for i in pairs["id"]])
+    candidates = {"test": pairs["id"][u < 0.2], "valid": pairs["id"][(u >= 0.2) & (u < 0.4)]}
+    before = held_out_ids(tmp_path)
+    for split, cap in (("valid", 9), ("test", 7)):
+        smallest = sorted(candidates[split], key=split_hash)[:cap]
+        assert before[split] == set(smallest)
+        assert report["held_out_capped"][split] == len(candidates[split]) - cap > 0
+    assert report["pairs"]["train"] == len(pairs) - 16
+
+    grown = run_prepare(tmp_path, monkeypatch, cut(pairs, 2) + [corpus(300, start=300)], **caps)
+    after = held_out_ids(tmp_path)
+    assert grown["pairs"]["valid"] == 9 and grown["pairs"]["test"] == 7
+    for split in ("valid", "test"):
+        assert not after[split] & before["train"]  # the threshold only tightens
+    assert after["valid"] | after["test"] != before["valid"] | before["test"]  # new pairs did come in
+
+
+def test_a_new_shard_is_the_only_one_tokenised_and_the_outputs_are_a_cold_runs(tmp_path, monkeypatch):
+    pairs = corpus(240)
+    run_prepare(tmp_path, monkeypatch, cut(pairs[:160], 2))
+    warm = run_prepare(tmp_path, monkeypatch, cut(pairs[:160], 2) + [pairs[160:].reset_index(drop=True)])
+    assert (warm["shards_tokenised"], warm["shards_from_cache"]) == (1, 2)
+    warm_files = prepared_files(tmp_path)
+    shutil.rmtree(tmp_path / CACHE)
+    cold = run_prepare(tmp_path, monkeypatch, cut(pairs[:160], 2) + [pairs[160:].reset_index(drop=True)])
+    assert (cold["shards_tokenised"], cold["shards_from_cache"]) == (3, 0)
+    assert prepared_files(tmp_path) == warm_files
+    assert without_shard_counts(cold) == without_shard_counts(warm)
+    # A shard that leaves the corpus leaves the cache.
+    run_prepare(tmp_path, monkeypatch, cut(pairs[:160], 2))
+    assert len(list((tmp_path / CACHE).glob("*.parquet"))) == 2
+
+
+def test_changed_tokeniser_settings_miss_the_cache(tmp_path, monkeypatch):
+    shards = cut(corpus(60), 2)
+    run_prepare(tmp_path, monkeypatch, shards)
+    report = run_prepare(tmp_path, monkeypatch, shards, **{"prepare.lowercase_src": False})
+    assert report["shards_tokenised"] == 2
+    assert frames(tmp_path)["train"]["src_tokens"].str.startswith("The ").all()
+
+
+def test_the_sentencepiece_sample_is_evenly_spaced_across_parts():
+    parts = [Path("a"), Path("b"), Path("c")]
+    everything = [rows.tolist() for _, rows in sample_rows(parts, [3, 0, 4], 10)]
+    assert everything == [[0, 1, 2], [], [0, 1, 2, 3]]
+    sampled = [rows.tolist() for _, rows in sample_rows(parts, [5, 0, 5], 4)]
+    assert sampled == [[0, 2], [], [0, 2]]  # global rows 0, 2, 5, 7 of 10
+
+
+def test_no_shards_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"no shards .* in data/raw/pairs: run `vamos ingest`"):
+        run_prepare(tmp_path, monkeypatch, [])
+
+
+def test_a_real_dask_cluster_writes_the_inline_runs_bytes(tmp_path, monkeypatch, dask_scheduler):  # noqa: F811
+    shards = cut(corpus(240), 4)
+    run_prepare(tmp_path / "inline", monkeypatch, shards)
+    cluster = run_prepare(tmp_path / "cluster", monkeypatch, shards, **{"parallel.scheduler": dask_scheduler})
+    assert cluster["shards_tokenised"] == 4
+    assert prepared_files(tmp_path / "cluster") == prepared_files(tmp_path / "inline")
+    assert (tmp_path / "cluster/reports/prepare.json").read_bytes() == \
+           (tmp_path / "inline/reports/prepare.json").read_bytes()
