@@ -28,14 +28,44 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
 
 
-def train_word2vec(sentences: list[list[str]], cfg: EmbedParams, seed: int):
-    """Deterministic with one worker (the default): seeded weights, a stable hash. Several workers
-    update the shared weights in a thread-timing-dependent order."""
+class TokenStream:
+    """The whitespace-split sentences of one column of a parquet file, read a batch of rows at a
+    time, so that memory holds one batch, not the corpus. Restartable: gensim iterates it once for
+    the vocabulary and once per epoch. `max_tokens` ends every pass after the same prefix of that
+    many tokens (the last sentence cut short), a budget for corpora larger than word2vec needs."""
+
+    def __init__(self, path: Path, column: str, max_tokens: int | None = None, batch_rows: int = 65536):
+        import pyarrow.parquet as pq
+
+        self.path, self.column, self.max_tokens, self.batch_rows = Path(path), column, max_tokens, batch_rows
+        names = pq.read_schema(self.path).names
+        if column not in names:
+            raise ValueError(f"{self.path}: no column {column!r} (columns: {', '.join(names)})")
+
+    def __iter__(self):
+        import pyarrow.parquet as pq
+
+        budget = self.max_tokens
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=[self.column]):
+            for text in batch.column(0).to_pylist():
+                tokens = text.split()
+                if budget is not None:
+                    if budget <= len(tokens):  # budget stays >= 1: it only falls by shorter sentences
+                        yield tokens[:budget]
+                        return
+                    budget -= len(tokens)
+                yield tokens
+
+
+def train_word2vec(sentences, cfg: EmbedParams, seed: int):
+    """`sentences`: a restartable iterable of token lists (a list, a TokenStream). Deterministic
+    with one worker (the default): seeded weights, a stable hash. Several workers update the shared
+    weights in a thread-timing-dependent order."""
     from gensim.models import Word2Vec
 
     return Word2Vec(sentences=sentences, sg=cfg.sg, vector_size=cfg.vector_size, window=cfg.window,
                     negative=cfg.negative, sample=cfg.sample, min_count=cfg.min_count, epochs=cfg.epochs,
-                    workers=cfg.workers, seed=seed, hashfxn=stable_hash)
+                    max_final_vocab=cfg.max_vocab, workers=cfg.workers, seed=seed, hashfxn=stable_hash)
 
 
 def save_vectors(path: Path, vectors) -> None:

@@ -50,15 +50,16 @@ def prepare(params: Params) -> dict:
 
 
 def embed(params: Params) -> dict:
-    from pipeline.embeddings import evaluate_vectors, plot_projection, save_vectors, train_word2vec
+    from pipeline.embeddings import TokenStream, evaluate_vectors, plot_projection, save_vectors, train_word2vec
 
-    train = pd.read_parquet(split_path("train"))
     report = {}
     for side, column, lang in (("src", "src_tokens", params.prepare.src_lang),
                                ("tgt", "tgt_tokens", params.prepare.tgt_lang)):
-        sentences = [s.split() for s in train[column]]
-        log.info("word2vec (%s) on %d %s sentences", "skip-gram" if params.embed.sg else "CBOW", len(sentences), lang)
+        sentences = TokenStream(split_path("train"), column, params.embed.max_tokens)
         model = train_word2vec(sentences, params.embed, params.seed)
+        log.info("word2vec (%s) on %d %s sentences, %d words, %d in the vocabulary",
+                 "skip-gram" if params.embed.sg else "CBOW", model.corpus_count, lang, model.corpus_total_words,
+                 len(model.wv))
         save_vectors(storage.EMBEDDINGS / f"{side}.w2v", model.wv)
         report[side] = evaluate_vectors(model.wv, lang)
         plot_projection(model.wv, storage.PLOTS / f"embeddings_{side}.png", f"word2vec ({lang}): PCA of frequent words")
