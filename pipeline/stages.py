@@ -62,6 +62,7 @@ def check_subword_vocab(sentences, vocab_size: int, side: str) -> None:
 
 
 def prepare(params: Params) -> dict:
+    from pipeline import token_ids  # noqa: F401  interim: replaced by pipeline/prepare.py
     from pipeline.text import SUBWORD_FILE, Vocab, train_subwords, word_tokenizers
 
     cfg = params.prepare
@@ -97,6 +98,7 @@ def prepare(params: Params) -> dict:
     tgt_vocab = Vocab.build((s.split() for s in train["tgt_tokens"]), cfg.vocab.min_freq, cfg.vocab.max_size)
     src_vocab.save(storage.PREPARED / "vocab.src.json")
     tgt_vocab.save(storage.PREPARED / "vocab.tgt.json")
+    write_ids_and_manifest(frames, src_vocab, tgt_vocab)  # interim: replaced by pipeline/prepare.py
 
     def unk_rate(frame: pd.DataFrame, column: str, vocab: Vocab) -> float:
         tokens = [t for s in frame[column] for t in s.split()]
@@ -121,6 +123,19 @@ def prepare(params: Params) -> dict:
     storage.write_json(storage.REPORTS / "prepare.json", report)
     log.info("prepared %s; vocab %s", report["pairs"], report["vocab"])
     return report
+
+
+def write_ids_and_manifest(frames: dict[str, pd.DataFrame], src_vocab, tgt_vocab) -> None:
+    # interim: replaced by pipeline/prepare.py
+    from pipeline import token_ids
+
+    for split, frame in frames.items():
+        for side, vocab in (("src", src_vocab), ("tgt", tgt_vocab)):
+            column = f"{side}_tokens"
+            token_ids.write(storage.PREPARED, split, side,
+                            [token_ids.flatten(vocab.encode(s.split()) for s in frame[column])])
+    files = sorted(p for p in storage.PREPARED.iterdir() if p.is_file() and p != storage.PREPARED_MANIFEST)
+    storage.write_json(storage.PREPARED_MANIFEST, {"files": {p.name: storage.file_md5(p) for p in files}})
 
 
 def embed(params: Params) -> dict:
