@@ -34,7 +34,7 @@ from pipeline.device import default_generator
 log = logging.getLogger(__name__)
 
 # Rank 0 validates (greedy BLEU), and at the end averages checkpoints and builds the lexicon over
-# the whole training split, while the others wait: far longer than a collective's usual limit.
+# (a sample of) the training split, while the others wait: far longer than a collective's usual limit.
 DEFAULT_TIMEOUT_MINUTES = 120
 
 
