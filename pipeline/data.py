@@ -202,7 +202,7 @@ class ParallelData:
             keys += lengths + 1  # (length with <eos>) + jitter, as the loop added them
         order = np.argsort(keys if rng is not None else lengths, kind="stable")
         order = order.astype(np.int32 if len(lengths) < 2**31 else np.int64)
-        starts = group_starts(lengths[order].astype(np.int64) + 1, batch_tokens)
+        starts = group_starts(lengths[order] + 1, batch_tokens)  # int32: 4 bytes a pair while planning
         visit = np.arange(len(starts))
         if rng is not None:
             rng.shuffle(visit)  # the same draws as shuffling the list of groups
