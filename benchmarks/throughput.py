@@ -56,7 +56,7 @@ def benchmark_training(params, steps: int) -> None:
         tokens += train_step(model, optimizer, data.make_batch(rows).to(device), cfg)[1]
     synchronize(device)
     rate = tokens / (time.perf_counter() - start)
-    per_epoch = sum(len(t) + 1 for t in data.tgt)
+    per_epoch = data.target_tokens()
     print(f"device {device}, threads {torch.get_num_threads()}, hidden {cfg.hidden_size}, "
           f"sampled softmax {cfg.sampled_softmax}, batch_tokens {cfg.batch_tokens}, amp {cfg.amp}")
     print(f"train: {rate:,.0f} target tokens/s over {steps} steps; {per_epoch:,} target tokens an epoch "

@@ -24,19 +24,30 @@ from pipeline.device import default_generator
 # CUDA kernels give other numbers than the CPU's. `threads` is, although another thread count sums in
 # another order (last-bit differences): a resume may use other threads, and bit-identical runs
 # need the same count (the default, all cores, on the same kind of machine). `lexicon` only adds a
-# dictionary to model.pt after training, so it continues the same training too.
+# dictionary to model.pt after training, so it continues the same training too (as `lexicon_pairs`).
 NOT_IN_FINGERPRINT = {"epochs", "max_steps", "patience", "smoothing", "max_minutes", "checkpoint_every", "threads",
-                      "lexicon", "device"}
+                      "lexicon", "lexicon_pairs", "device"}
 # Everything `train` runs that can change what it computes (decode.py: validation BLEU picks the model).
 CODE = ["train.py", "loss.py", "schedule.py", "checkpoint.py", "validation.py", "device.py", "distributed.py",
         "data.py", "text.py", "embeddings.py", "decode.py", "lexicon.py", "model/*.py"]
 CHECKPOINT_FILE = "last.pt"
 
 
+def training_inputs(prepared: Path, embeddings: Path) -> list[Path]:
+    """The files that stand for training's data in the fingerprint: prepare's manifest (the md5 of
+    every file prepare wrote, so the corpus is never read to hash it), the vocabularies and the
+    word vectors."""
+    manifest = prepared / storage.PREPARED_MANIFEST.name
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} is missing: run `vamos prepare`")
+    return [manifest, prepared / "vocab.src.json", prepared / "vocab.tgt.json", *sorted(embeddings.glob("*.w2v"))]
+
+
 def fingerprint(params: Params, inputs: list[Path], precision: str, device: torch.device) -> str:
     """Which training a checkpoint belongs to: the train params that change what it computes, the
-    device type and precision it computes in here, the seed, the input files and the training code
-    (so a GPU checkpoint never resumes on a CPU, nor a bf16 one in fp32, or the reverse)."""
+    device type and precision it computes in here, the seed, the input files (small ones: see
+    `training_inputs`) and the training code (so a GPU checkpoint never resumes on a CPU, nor a
+    bf16 one in fp32, or the reverse)."""
     exclude = set(NOT_IN_FINGERPRINT)
     if params.train.lr_schedule != "plateau":
         exclude -= {"epochs", "max_steps"}  # a decaying schedule is stretched to the planned length

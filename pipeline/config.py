@@ -181,12 +181,19 @@ class TrainParams(Strict):
     # A safety net, off by default: a wall-clock limit makes the model depend on the machine's speed.
     max_minutes: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(200, ge=1)  # steps
+    # Also validate every this many updates (None: only at epoch ends), so that a long epoch is not
+    # one blind stretch: such a validation may write best.pt, counts for early stopping and keeps a
+    # snapshot for averaging, as an epoch's does; the plateau schedule still acts once an epoch.
+    validate_every: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 mixed precision on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX)
     threads: int = Field(0, ge=0)  # torch CPU threads; 0 = all cores
     # Build the source->target translation dictionary from the final model's attention alignments
     # over the training split and store it in model.pt (pipeline.lexicon; for evaluate's switches).
     lexicon: bool = True
+    # The lexicon reads at most this many training pairs: a fixed seeded sample of a larger split
+    # (all of a smaller one, in the usual order), so its cost stays bounded.
+    lexicon_pairs: int = Field(200000, ge=1)
 
 
 class EvaluateParams(Strict):

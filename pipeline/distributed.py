@@ -34,7 +34,7 @@ from pipeline.device import default_generator
 log = logging.getLogger(__name__)
 
 # Rank 0 validates (greedy BLEU), and at the end averages checkpoints and builds the lexicon over
-# the whole training split, while the others wait: far longer than a collective's usual limit.
+# (a sample of) the training split, while the others wait: far longer than a collective's usual limit.
 DEFAULT_TIMEOUT_MINUTES = 120
 
 
@@ -91,16 +91,17 @@ class Distributed:
         dist.all_reduce(total)
         return float(total.item())
 
-    def shard(self, rows: np.ndarray, targets: list[list[int]], eos: int, device: torch.device,
+    def shard(self, rows: np.ndarray, targets, eos: int, device: torch.device,
               generator: torch.Generator | None) -> Shard:
         """Sentences rank::world_size of a global batch (rows sorted by length, so every rank gets
         about the same lengths). A rank left without a sentence (a global batch smaller than the
-        world) runs the first sentence with weight 0, so that DDP still sees its backward."""
+        world) runs the first sentence with weight 0, so that DDP still sees its backward.
+        `targets[i]` is row i's target ids (a list, or the memory-mapped ids of ParallelData.tgt)."""
         mine = rows[self.rank::self.world_size]
         weight = 1.0
         if len(mine) == 0:
             mine, weight = rows[:1], 0.0
-        gold = np.unique(np.concatenate([np.asarray(targets[i] + [eos], dtype=np.int64) for i in rows]))
+        gold = np.unique(np.concatenate([np.asarray(targets[i], dtype=np.int64) for i in rows] + [np.array([eos])]))
         tokens = int(sum(len(targets[i]) + 1 for i in rows))
         return Shard(mine, weight, tokens, torch.from_numpy(gold).to(device), self.world_size, generator)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.text import EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocab
@@ -65,21 +66,33 @@ def aligned_pairs(model, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch
     return list(zip(rows.tolist(), aligned[rows, positions].tolist(), positions.tolist()))
 
 
+def lexicon_rows(pairs: int, max_pairs: int | None, seed: int) -> np.ndarray | None:
+    """The rows the lexicon reads: all (None) when there are at most `max_pairs`, else a fixed
+    sample of that many for this seed, in row order (the lexicon's cost stays bounded)."""
+    if max_pairs is None or pairs <= max_pairs:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(pairs, size=max_pairs, replace=False))
+
+
 def build_lexicon(model, data, batch_tokens: int = 4000, per_word: int = TRANSLATIONS_PER_WORD,
-                  device: torch.device | str = "cpu") -> Lexicon:
+                  device: torch.device | str = "cpu", max_pairs: int | None = None, seed: int = 0) -> Lexicon:
     """The dictionary of `model`'s attention alignments over `data` (a pipeline.data.ParallelData,
-    usually the training split): each source word's `per_word` most frequent aligned target words,
-    as strings from the tokenised pairs, so words outside the vocabularies count too."""
+    usually the training split), or over a seeded sample of `max_pairs` of its rows: each source
+    word's `per_word` most frequent aligned target words, as strings from the tokenised pairs, so
+    words outside the vocabularies count too."""
     was_training = model.training
     model.eval()
     counts: dict[str, Counter] = defaultdict(Counter)
-    src_words = [s.split() for s in data.frame["src_tokens"]]
-    tgt_words = [t.split() for t in data.frame["tgt_tokens"]]
-    for rows in data.batches(batch_tokens):
-        batch = data.make_batch(rows).to(device)
+    rows = lexicon_rows(len(data), max_pairs, seed)
+    text_rows = np.arange(len(data)) if rows is None else rows
+    src_text, tgt_text = data.token_text(text_rows)
+    for batch_rows in data.batches(batch_tokens, rows=rows):
+        batch = data.make_batch(batch_rows).to(device)
+        at = np.searchsorted(text_rows, batch.index)  # each row's place in the text read
+        src_words = [src_text[i].split() for i in at]
+        tgt_words = [tgt_text[i].split() for i in at]
         for row, src_pos, tgt_pos in aligned_pairs(model, batch.src, batch.src_len, batch.tgt_in, batch.tgt_out):
-            pair = batch.index[row]
-            if src_pos < len(src_words[pair]):  # an empty source is one <pad> position
-                counts[src_words[pair][src_pos]][tgt_words[pair][tgt_pos]] += 1
+            if src_pos < len(src_words[row]):  # an empty source is one <pad> position
+                counts[src_words[row][src_pos]][tgt_words[row][tgt_pos]] += 1
     model.train(was_training)
     return Lexicon({word: [t for t, _ in targets.most_common(per_word)] for word, targets in counts.items()})

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from pipeline import storage
 from pipeline.config import Params
-from pipeline.storage import SPLITS, split_path
+from pipeline.storage import split_path
 
 log = logging.getLogger(__name__)
 

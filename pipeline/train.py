@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, distributed, storage
-from pipeline.checkpoint import CHECKPOINT_FILE, Progress, averaged_weights, fingerprint, keep_snapshot
+from pipeline.checkpoint import (CHECKPOINT_FILE, Progress, averaged_weights, fingerprint, keep_snapshot,
+                                 training_inputs)
 from pipeline.config import Params, TrainParams
-from pipeline.data import Corpus, load_corpus
+from pipeline.data import Batch, BatchPlan, Corpus, load_corpus, prefetched
 from pipeline.decode import Translator
 from pipeline.device import autocast, pick_device, precision_name
 from pipeline.embeddings import embedding_matrix
@@ -121,6 +122,7 @@ class Trainer:
     # compare the loss curves of one process and of DDP.
     loss_log: Path | None = field(default_factory=lambda: Path(os.environ["VAMOS_LOSS_LOG"])
                                   if os.environ.get("VAMOS_LOSS_LOG") else None)
+    plans: dict[int, BatchPlan] = field(default_factory=dict)  # the current epoch's batch plan
 
     @property
     def cfg(self) -> TrainParams:
@@ -132,7 +134,7 @@ class Trainer:
         progress, cfg = self.progress, self.cfg
         started = time.monotonic() - progress.elapsed
         while True:
-            batches = self.corpus.train.epoch_batches(cfg.batch_tokens, self.params.seed, progress.epoch)
+            batches = self.epoch_plan()
             reason = self.stop_reason()
             if reason and progress.validated:
                 return reason
@@ -154,6 +156,25 @@ class Trainer:
             self.checkpoint()
             progress.elapsed = time.monotonic() - started
 
+    def epoch_plan(self) -> BatchPlan:
+        """This epoch's batches, planned once (validate_every measures several times an epoch)."""
+        epoch = self.progress.epoch
+        if epoch not in self.plans:
+            self.plans = {epoch: self.corpus.train.epoch_batches(self.cfg.batch_tokens, self.params.seed, epoch)}
+        return self.plans[epoch]
+
+    def counts(self, record: dict) -> bool:
+        """Whether a validation counts for early stopping: an epoch's end or a `validate_every`
+        point; never one where max_steps, the time budget or a resume cut the run elsewhere (a
+        cut run, raised and continued, must give the uncut run's history)."""
+        every = self.cfg.validate_every
+        return record["whole_epoch"] or bool(every and record["step"] % every == 0)
+
+    def validation_due(self) -> bool:
+        """A `validate_every` point not yet measured (also the one a resume may owe)."""
+        every, progress = self.cfg.validate_every, self.progress
+        return bool(every and progress.step and progress.step % every == 0 and not progress.validated)
+
     def stop_reason(self) -> str | None:
         cfg, progress = self.cfg, self.progress
         if self.time_is_up():
@@ -162,8 +183,8 @@ class Trainer:
             return "max_steps"
         if progress.epoch >= cfg.epochs:
             return "epochs"
-        whole_epochs = [h["valid_bleu"] for h in progress.history if h["whole_epoch"]]
-        if should_stop_early(whole_epochs, cfg.patience, cfg.smoothing):
+        counted = [h["valid_bleu"] for h in progress.history if self.counts(h)]
+        if should_stop_early(counted, cfg.patience, cfg.smoothing):
             return "early_stopping"
         return None
 
@@ -173,21 +194,24 @@ class Trainer:
             return False
         return self.dist.broadcast(self.progress.elapsed >= self.cfg.max_minutes * 60)
 
-    def train_stretch(self, batches: list[np.ndarray], started: float) -> float:
-        """Updates from the saved position to the end of the epoch, or until max_steps or the time
-        budget; returns their target tokens per second."""
-        cfg, progress, data = self.cfg, self.progress, self.corpus.train
+    def train_stretch(self, batches: BatchPlan, started: float) -> float:
+        """Updates from the saved position to the end of the epoch, or until max_steps, the time
+        budget or a `validate_every` point; returns their target tokens per second. The next
+        batch is loaded in a background thread while the model computes this one."""
+        cfg, progress = self.cfg, self.progress
         (self.net or self.model).train()
         stretch_start, tokens_here = time.monotonic(), 0
         last = stretch_start
         bar = tqdm(total=len(batches), initial=progress.batch, unit="batch", mininterval=5.0,
                    desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main)
-        for rows in batches[progress.batch:]:
-            if (cfg.max_steps is not None and progress.step >= cfg.max_steps) or self.time_is_up():
+        upcoming = (batches[i] for i in range(progress.batch, len(batches)))
+        for _, loaded in prefetched(upcoming, self.load):
+            if (cfg.max_steps is not None and progress.step >= cfg.max_steps) or self.time_is_up() \
+                    or self.validation_due():
                 break
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, progress.step, self.total_steps, progress.plateau_scale)
-            loss, tokens = self.update(rows)
+            loss, tokens = self.update(*loaded)
             if self.loss_log is not None and self.dist.is_main:
                 with open(self.loss_log, "a") as f:
                     f.write(f"{progress.step + 1}\t{loss!r}\t{tokens}\n")
@@ -207,15 +231,20 @@ class Trainer:
         bar.close()
         return tokens_here / max(time.monotonic() - stretch_start, 1e-9)
 
-    def update(self, rows: np.ndarray) -> tuple[float, int]:
-        """One update on the batch of `rows`; under DDP on this rank's sentences of it, with the
-        loss summed over the ranks."""
-        data, cfg = self.corpus.train, self.cfg
+    def load(self, rows: np.ndarray) -> tuple[Batch, distributed.Shard | None]:
+        """The batch of `rows` as tensors (under DDP this rank's shard of it): no random draws, so
+        it may run in the background thread."""
+        data = self.corpus.train
         if not self.dist.enabled:
-            return train_step(self.model, self.optimizer, data.make_batch(rows).to(self.device), cfg)
+            return data.make_batch(rows), None
         shard = self.dist.shard(rows, data.tgt, EOS_ID, self.device, self.generator)
-        loss, tokens = train_step(self.model, self.optimizer, data.make_batch(shard.rows).to(self.device), cfg,
-                                  self.net, shard)
+        return data.make_batch(shard.rows), shard
+
+    def update(self, batch: Batch, shard: distributed.Shard | None) -> tuple[float, int]:
+        """One update on `batch`; under DDP on this rank's `shard`, with the loss summed over the ranks."""
+        if shard is None:
+            return train_step(self.model, self.optimizer, batch.to(self.device), self.cfg)
+        loss, tokens = train_step(self.model, self.optimizer, batch.to(self.device), self.cfg, self.net, shard)
         return self.dist.sum(loss, self.device), tokens
 
     def measure(self, batches_in_epoch: int, speed: float | None) -> dict:
@@ -255,9 +284,10 @@ class Trainer:
     def final_model(self, path: Path) -> float | None:
         """Write the model that evaluate and register see: the best validation, or the average of
         the last snapshots (then scored on validation too, returned). With train.lexicon, the
-        dictionary of that model's attention over the whole training split goes into the file
-        (no subsample: a teacher-forced pass without the output projection; batches in a fixed
-        length order, so the same model gives the same dictionary). last.pt keeps its state."""
+        dictionary of that model's attention over the training split goes into the file (over a
+        seeded sample of `lexicon_pairs` of a larger split: a teacher-forced pass without the output
+        projection; batches in a fixed length order, so the same model gives the same dictionary).
+        last.pt keeps its state."""
         if not self.cfg.average_checkpoints and not self.cfg.lexicon:
             with storage.atomic_path(path) as tmp:
                 shutil.copyfile(self.run_dir / "best.pt", tmp)
@@ -269,7 +299,8 @@ class Trainer:
             self.model.load_state_dict(best["state_dict"])
         lexicon = None
         if self.cfg.lexicon:
-            lexicon = build_lexicon(self.model, self.corpus.train, self.cfg.batch_tokens, device=self.device)
+            lexicon = build_lexicon(self.model, self.corpus.train, self.cfg.batch_tokens, device=self.device,
+                                    max_pairs=self.cfg.lexicon_pairs, seed=self.params.seed)
             log.info("lexicon: translations for %d source words", len(lexicon.translations))
         self.save_model(path, lexicon)
         return validation_bleu(self.translator, self.valid) if self.cfg.average_checkpoints else None
@@ -307,8 +338,7 @@ def _train(params: Params, dist: distributed.Distributed, device: torch.device, 
         if not dist.is_main:
             torch.manual_seed(distributed.rank_seed(params.seed, dist.rank))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    inputs = [prepared / f for f in ("train.parquet", "valid.parquet", "vocab.src.json", "vocab.tgt.json")]
-    run_dir = checkpoints / fingerprint(params, inputs + sorted(embeddings.glob("*.w2v")),
+    run_dir = checkpoints / fingerprint(params, training_inputs(prepared, embeddings),
                                         precision_name(cfg.amp, device), device)
     progress = checkpoint.resume(run_dir / CHECKPOINT_FILE, model, optimizer, device, params.seed, dist,
                                  generator) or Progress()
@@ -334,8 +364,7 @@ def _train(params: Params, dist: distributed.Distributed, device: torch.device, 
         if dist.is_main:  # rank 0 alone writes the final model and the reports
             averaged_bleu = trainer.final_model(out_dir / "model.pt")
             runlog.tags({"model_md5": storage.file_md5(out_dir / "model.pt")})  # how evaluate/register find this run
-            batches = len(corpus.train.epoch_batches(cfg.batch_tokens, params.seed, progress.epoch))
-            summary = write_reports(progress, cfg, device, batches, stop_reason, averaged_bleu, (src_cov, tgt_cov),
+            summary = write_reports(progress, cfg, device, len(trainer.epoch_plan()), stop_reason, averaged_bleu, (src_cov, tgt_cov),
                                     runlog, reports)
     except BaseException:
         runlog.finish(failed=True)  # a later `vamos train` resumes it from the checkpoint

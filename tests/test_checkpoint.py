@@ -1,8 +1,10 @@
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
-from pipeline.checkpoint import CODE, fingerprint
+from pipeline.checkpoint import CODE, fingerprint, training_inputs
 from pipeline.config import Params
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -12,11 +14,11 @@ def test_fingerprint_covers_computation_not_speed(tmp_path):
     params = Params()
     base = fingerprint(params, [], "fp32", CPU)
     for speed_or_stop in ({"threads": 3}, {"checkpoint_every": 7}, {"epochs": 30}, {"max_minutes": 5.0},
-                          {"patience": 9}, {"max_steps": 100}):
+                          {"patience": 9}, {"max_steps": 100}, {"lexicon_pairs": 10}):
         changed = params.model_copy(update={"train": params.train.model_copy(update=speed_or_stop)})
         assert fingerprint(changed, [], "fp32", CPU) == base
     for computation in ({"input_feeding": not params.train.input_feeding}, {"sampled_softmax": 10},
-                        {"word_dropout": 0.3}):
+                        {"word_dropout": 0.3}, {"validate_every": 100}):
         changed = params.model_copy(update={"train": params.train.model_copy(update=computation)})
         assert fingerprint(changed, [], "fp32", CPU) != base
     assert fingerprint(params, [], "bf16 mixed", CPU) != base  # the same params on a machine with bf16
@@ -43,3 +45,26 @@ def test_fingerprint_follows_the_device_that_runs_not_the_setting():
     on_cuda = params.model_copy(update={"train": params.train.model_copy(update={"device": "cuda"})})
     assert fingerprint(on_auto, [], "bf16 mixed", GPU) != fingerprint(on_auto, [], "bf16 mixed", CPU)
     assert fingerprint(on_auto, [], "bf16 mixed", GPU) == fingerprint(on_cuda, [], "bf16 mixed", GPU)
+
+
+def test_the_fingerprint_hashes_the_manifest_not_the_corpus(tmp_path):
+    prepared, embeddings = tmp_path / "prepared", tmp_path / "embeddings"
+    prepared.mkdir(), embeddings.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json is missing"):
+        training_inputs(prepared, embeddings)
+    for name in ("vocab.src.json", "vocab.tgt.json", "train.parquet", "train.tgt.ids.npy"):
+        (prepared / name).write_text(name)
+    (embeddings / "src.w2v").write_text("vectors")
+    manifest = prepared / "manifest.json"
+    manifest.write_text('{"files": {"train.parquet": "aaa"}}')
+    inputs = training_inputs(prepared, embeddings)
+    assert prepared / "train.parquet" not in inputs and embeddings / "src.w2v" in inputs
+    params = Params()
+    before = fingerprint(params, inputs, "fp32", CPU)
+    os.utime(prepared / "train.parquet", (0, 12345))  # a checkout or a copy: a new mtime, same data
+    (prepared / "train.tgt.ids.npy").write_text("never read")
+    assert fingerprint(params, training_inputs(prepared, embeddings), "fp32", CPU) == before
+    manifest.write_text('{"files": {"train.parquet": "bbb"}}')  # prepare wrote other data
+    assert fingerprint(params, training_inputs(prepared, embeddings), "fp32", CPU) != before
+    (embeddings / "src.w2v").write_text("other vectors")
+    assert fingerprint(params, training_inputs(prepared, embeddings), "fp32", CPU) != before

@@ -1,12 +1,14 @@
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from pipeline import token_ids
 from pipeline.data import ParallelData
 from pipeline.decode import Translator, beam_search, replace_unknowns
-from pipeline.lexicon import Lexicon, build_lexicon
+from pipeline.lexicon import Lexicon, build_lexicon, lexicon_rows
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK_ID, Tokenizer, Vocab
 from tests.test_model import make_model, source_batch
 
@@ -24,7 +26,7 @@ def parallel(pairs: list[tuple[str, str]]) -> ParallelData:
     frame = pd.DataFrame({"src_tokens": [s for s, _ in pairs], "tgt_tokens": [t for _, t in pairs]})
     src_vocab = Vocab(sorted({w for s, _ in pairs for w in s.split()}))
     tgt_vocab = Vocab(sorted({w for _, t in pairs for w in t.split()}))
-    return ParallelData(frame, src_vocab, tgt_vocab)
+    return ParallelData.from_frame(frame, src_vocab, tgt_vocab)
 
 
 def test_each_source_word_keeps_its_most_frequently_aligned_target_words():
@@ -167,3 +169,28 @@ def test_a_model_without_a_lexicon_is_decoded_plainly_when_the_switches_are_on()
     on = translate_split(translator, frame, EvaluateParams(unk_dictionary=True, shortlist=True, max_len_ratio=2))
     off = translate_split(translator, frame, EvaluateParams(max_len_ratio=2))
     assert [w for w, _ in on] == [w for w, _ in off]
+
+
+def test_the_lexicon_reads_a_fixed_sample_of_a_large_split_and_all_of_a_small_one(tmp_path):
+    assert lexicon_rows(10, 10, seed=1) is None and lexicon_rows(10, None, seed=1) is None
+    sample = lexicon_rows(1000, 50, seed=1)
+    assert len(sample) == len(set(sample)) == 50 and list(sample) == sorted(sample)
+    assert list(sample) == list(lexicon_rows(1000, 50, seed=1)) != list(lexicon_rows(1000, 50, seed=2))
+    words = [f"w{i}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    pairs = [(" ".join(rng.choice(words, 3)), " ".join(w.upper() for w in rng.choice(words, 3))) for _ in range(60)]
+    data = parallel(pairs)
+    rows = lexicon_rows(60, 20, seed=5)
+    sampled = build_lexicon(DiagonalAttention(), data, max_pairs=20, seed=5)
+    assert sampled == build_lexicon(DiagonalAttention(), parallel([pairs[i] for i in rows]))
+    assert sampled != build_lexicon(DiagonalAttention(), data)
+    # The memory-mapped split (no text in memory) streams its sample's words from the parquet file.
+    frame = data.frame
+    frame.to_parquet(tmp_path / "train.parquet")
+    for side, vocab in (("src", Vocab(words)), ("tgt", Vocab([w.upper() for w in words]))):
+        token_ids.write(tmp_path, "train", side, [token_ids.flatten(vocab.encode(s.split())
+                                                                     for s in frame[f"{side}_tokens"])])
+    mapped = ParallelData.open(tmp_path, "train")
+    assert mapped.frame is None
+    assert build_lexicon(DiagonalAttention(), mapped, max_pairs=20, seed=5) == sampled
+    assert build_lexicon(DiagonalAttention(), mapped) == build_lexicon(DiagonalAttention(), data)

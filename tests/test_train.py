@@ -272,3 +272,41 @@ def test_a_warm_up_as_long_as_the_plan_is_reported(embedded, caplog):
     assert f"({steps - 1}) leaves the {steps} planned steps no room to decay\n" in caplog.text
     planned_steps(cfg.model_copy(update={"warmup_steps": steps + 1}), data, seed=1)
     assert f"({steps + 1}) leaves the {steps} planned steps no room to decay, nor to reach train.lr" in caplog.text
+
+
+def test_validate_every_measures_inside_the_epoch_and_a_resume_that_owes_one_stays_exact(
+        embedded, tmp_path, monkeypatch, mlflow_store):
+    """validate_every 5: validations at steps 5, 10, ... besides the epoch ends. A run cut at step
+    10 and killed before measuring it resumes with that owed validation and ends as the straight run."""
+    overrides = dict(epochs=2, validate_every=5, patience=10)
+    straight = copy_of(embedded, tmp_path / "straight")
+    summary = run_train(straight, monkeypatch, **overrides)
+    history = last_checkpoint(straight)["progress"]["history"]
+    per_epoch = summary["steps"] // 2
+    assert per_epoch > 10
+    expected_steps = sorted(set(range(5, summary["steps"] + 1, 5)) | {per_epoch, summary["steps"]})
+    assert [h["step"] for h in history] == expected_steps
+    assert [h["whole_epoch"] for h in history] == [s in (per_epoch, summary["steps"]) for s in expected_steps]
+
+    cut = copy_of(embedded, tmp_path / "cut")
+    run_train(cut, monkeypatch, **overrides, max_steps=10)
+    (path,) = cut.glob(".vamos/checkpoints/*/last.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["progress"]["history"][-1]["step"] == 10
+    state["progress"]["history"].pop()  # as if killed between step 10's checkpoint and its validation
+    torch.save(state, path)
+    run_train(cut, monkeypatch, **overrides, max_steps=None)
+    resumed = last_checkpoint(cut)
+    assert [(h["step"], h["valid_loss"], h["whole_epoch"]) for h in resumed["progress"]["history"]] == \
+        [(h["step"], h["valid_loss"], h["whole_epoch"]) for h in history]
+    assert_identical(resumed["model"], last_checkpoint(straight)["model"])
+    assert (cut / MODEL).read_bytes() == (straight / MODEL).read_bytes()
+
+
+def test_a_validate_every_point_counts_for_early_stopping(embedded, tmp_path, monkeypatch, mlflow_store):
+    """A rate too small to move BLEU: the second validation (step 6, inside epoch 1) is no better,
+    so patience 1 stops there; without validate_every it stops after epoch 2."""
+    root = copy_of(embedded, tmp_path / "p")
+    summary = run_train(root, monkeypatch, epochs=3, patience=1, smoothing=1, lr=1e-12, validate_every=3)
+    assert summary["stopped_by"] == "early_stopping" and summary["steps"] == 6
+    assert summary["epochs_completed"] == 0 and (root / MODEL).exists()  # best.pt from step 3's validation
