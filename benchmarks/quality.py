@@ -36,7 +36,7 @@ def main(epochs: int = 3, minutes: float = 0.0, steps: int = 0, every: int = 0,
     src_tok, tgt_tok = tokenizers(params)
     translator = Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device)
     valid = ValidationSet.of(ParallelData.from_frame(valid_frame, src_vocab, tgt_vocab), src_tok)
-    total = steps or planned_steps(cfg, data, params.seed)
+    total = steps or planned_steps(cfg, data)
     print(f"setting: {' '.join(set) or 'params.yaml'} on {device}, {torch.get_num_threads()} threads; "
           f"stop at {epochs} epochs, {steps or '-'} steps, {minutes or '-'} min")
     print("| step | epoch | train min | train loss | tokens/s | valid BLEU | load |")

@@ -442,6 +442,7 @@ def ingest_shards(sources: list[Source], out: str | Path, *, max_words: int, max
     atomically); returns a report of counts by reason. Reading and deduplication run here; cleaning
     and writing run as tasks of `parallel`'s pool, a chunk each."""
     out = Path(out).absolute()
+    storage.remove_leftovers(out)
     drops, notes, read = Drops(), {}, {}
 
     def no_pairs_left() -> None:

@@ -56,7 +56,9 @@ def scheduler_address(cfg: ParallelParams) -> str | None:
 
 
 def local_workers(cfg: ParallelParams) -> int:
-    return cfg.workers or os.cpu_count() or 1
+    """`parallel.workers`, or one per core this process may run on (taskset, Slurm and containers
+    restrict that below the host's count)."""
+    return cfg.workers or len(os.sched_getaffinity(0)) or 1
 
 
 @contextmanager

@@ -100,8 +100,11 @@ def held_out_split(cfg, candidates: np.ndarray) -> tuple[HeldOut, dict[str, int]
 def cache_key(shard_md5: str, tokenizers: tuple[Tokenizer, Tokenizer]) -> str:
     import sacremoses
 
+    # The code that tokenises is part of the key: an edit to it reruns prepare (DVC) and must not
+    # then be answered from the cache.
+    code = {name: storage.file_md5(Path(__file__).with_name(name)) for name in ("text.py", "prepare.py")}
     settings = {"shard_md5": shard_md5, "format": TOKENISED_FORMAT, "sacremoses": sacremoses.__version__,
-                "tokenizers": [[t.lang, t.lowercase] for t in tokenizers]}
+                "tokenizers": [[t.lang, t.lowercase] for t in tokenizers], "code": code}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -176,11 +179,26 @@ def encode_part(path: str, side: str, vocab: Vocab) -> tuple[np.ndarray, np.ndar
 
 
 def merge_counts(results) -> dict[str, Counter]:
+    """Per-part token counts merged as they arrive (never all parts' Counters at once)."""
     total = {side: Counter() for side in SIDES}
     for counts in results:
-        for side in SIDES:
-            total[side].update(counts[side])
+        if counts is not None:
+            for side in SIDES:
+                total[side].update(counts[side])
     return total
+
+
+def split_all(pool, cached: list[str], work: str, held_out: HeldOut, sources: frozenset[str],
+              count: bool) -> tuple[list[dict], dict[str, Counter]]:
+    """split_shard over every shard: each shard's sizes (kept) and its training counts (merged)."""
+    results = []
+
+    def sizes_then_counts():
+        for result in pool.map(split_shard, enumerate(cached), work, held_out, sources, count):
+            results.append({"pairs": result["pairs"], "leaking": result["leaking"]})
+            yield result["counts"]
+
+    return results, merge_counts(sizes_then_counts())
 
 
 def check_subword_vocab(sentences, vocab_size: int, side: str) -> None:
@@ -274,17 +292,16 @@ def prepare(params: Params) -> dict:
         log.info("tokenised %d shards, %d from the cache", len(shards) - from_cache, from_cache)
         held_out, moved = held_out_split(cfg.split, np.concatenate([t["candidates"] for t in tokenised]))
         sources = frozenset().union(*pool.map(held_out_sources, cached, held_out))
-        split_results = list(pool.map(split_shard, enumerate(cached), str(work), held_out, sources, not subwords))
+        split_results, counts = split_all(pool, cached, str(work), held_out, sources, not subwords)
         parts = {split: [part_path(str(work), split, i) for i in range(len(cached))] for split in SPLITS}
         written = write_subword_models(params, parts, [r["pairs"]["train"] for r in split_results])
         if subwords:
             counts = prepare_pieces(pool, parts, word_toks, written)
-        else:
-            counts = merge_counts(r["counts"] for r in split_results)
         vocabs = {side: Vocab.from_counts(counts[side], cfg.vocab.min_freq, cfg.vocab.max_size) for side in SIDES}
         written += write_splits(pool, parts, vocabs)
     report = build_report(params, split_results, counts, vocabs, moved)
-    report |= {"shards_tokenised": len(shards) - from_cache, "shards_from_cache": from_cache}
+    # (How many shards came from the cache is logged above, not reported: reports/prepare.json is in
+    # dvc.lock, which must not depend on what a machine had cached.)
     storage.write_json(storage.REPORTS / "prepare.json", report)
     # Last: the manifest vouches for a complete data/prepared.
     storage.write_json(storage.PREPARED_MANIFEST,
@@ -292,7 +309,7 @@ def prepare(params: Params) -> dict:
     prune_cache(cache, set(cached))
     shutil.rmtree(work, ignore_errors=True)
     log.info("prepared %s; vocab %s", report["pairs"], report["vocab"])
-    return report
+    return report | {"shards_tokenised": len(shards) - from_cache, "shards_from_cache": from_cache}
 
 
 def write_splits(pool, parts: dict[str, list[Path]], vocabs: dict[str, Vocab]) -> list[Path]:
@@ -336,9 +353,10 @@ def prepare_pieces(pool, parts: dict[str, list[Path]], word_toks: tuple[Tokenize
                    model_files: list[Path]) -> dict[str, Counter]:
     """Every part's words become pieces; the training parts' piece counts, merged."""
     piece_toks = tuple(replace(tok, subwords=path.read_bytes()) for tok, path in zip(word_toks, model_files))
-    results = {split: list(pool.map(piece_part, map(str, parts[split]), piece_toks, split == "train"))
-               for split in SPLITS}
-    return merge_counts(results["train"])
+    counts = {}
+    for split in SPLITS:
+        counts[split] = merge_counts(pool.map(piece_part, map(str, parts[split]), piece_toks, split == "train"))
+    return counts["train"]
 
 
 def build_report(params: Params, split_results: list[dict], counts: dict[str, Counter], vocabs: dict[str, Vocab],

@@ -24,11 +24,13 @@ def learning_rate(cfg: TrainParams, step: int, total_steps: int, plateau_scale: 
     return cfg.lr * warmup * decay
 
 
-def planned_steps(cfg: TrainParams, data: ParallelData, seed: int) -> int:
+def planned_steps(cfg: TrainParams, data: ParallelData) -> int:
     """The last step a decaying schedule aims at: every epoch's batches, or max_steps if fewer."""
     if cfg.lr_schedule == "plateau":
         return 0  # not needed
-    total = sum(len(data.epoch_batches(cfg.batch_tokens, seed, e)) for e in range(cfg.epochs))
+    # The jitter that varies an epoch's batches is below one token, so every epoch's plan cuts the
+    # same sorted lengths into the same number of batches: one unjittered plan counts them all.
+    total = cfg.epochs * len(data.batches(cfg.batch_tokens))
     planned = min(total, cfg.max_steps or total)
     if cfg.warmup_steps >= planned - 1:  # steps count from 0: the decay starts at step warmup_steps + 1
         log.warning("train.warmup_steps (%d) leaves the %d planned steps no room to decay%s", cfg.warmup_steps,

@@ -79,6 +79,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_leftovers(path: str | Path) -> None:
+    """Remove the temporary folders that a killed run left beside `path` (SIGKILL, or a timeout's
+    SIGTERM, skips the clean-up of temporary_folder_beside): they may hold a copy of the corpus."""
+    path = Path(path)
+    for folder in path.parent.glob(f".{path.name}.*"):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextmanager
 def temporary_folder_beside(path: str | Path, purpose: str) -> Iterator[Path]:
     """A new empty folder beside `path` (on its filesystem, which workers may share), removed after."""

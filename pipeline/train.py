@@ -359,7 +359,7 @@ def _train(params: Params, dist: distributed.Distributed, device: torch.device, 
             runlog.tags({"resumed_from_step": progress.step, "continues_run": checkpoint_run})
         trainer = Trainer(params, model, optimizer, corpus, ValidationSet.of(corpus.valid, src_tok),
                           Translator(model, src_tok, tgt_tok, corpus.src_vocab, corpus.tgt_vocab, device), progress,
-                          run_dir, device, planned_steps(cfg, corpus.train, params.seed), runlog, dist, net, generator)
+                          run_dir, device, planned_steps(cfg, corpus.train), runlog, dist, net, generator)
         stop_reason = trainer.run()
         if dist.is_main:  # rank 0 alone writes the final model and the reports
             averaged_bleu = trainer.final_model(out_dir / "model.pt")

@@ -142,6 +142,8 @@ def test_a_new_shard_is_the_only_one_tokenised_and_the_outputs_are_a_cold_runs(t
     assert (cold["shards_tokenised"], cold["shards_from_cache"]) == (3, 0)
     assert prepared_files(tmp_path) == warm_files
     assert without_shard_counts(cold) == without_shard_counts(warm)
+    # dvc.lock holds the report's md5: what a machine had cached must not show in it.
+    assert json.loads((tmp_path / "reports/prepare.json").read_text()) == without_shard_counts(cold)
     # A shard that leaves the corpus leaves the cache.
     run_prepare(tmp_path, monkeypatch, cut(pairs[:160], 2))
     assert len(list((tmp_path / CACHE).glob("*.parquet"))) == 2

@@ -261,16 +261,16 @@ def test_word_dropout_turns_only_words_into_unk_and_draws_nothing_at_rate_zero()
 def test_a_warm_up_as_long_as_the_plan_is_reported(embedded, caplog):
     data = load_corpus(embedded / storage.PREPARED).train
     cfg = Params().train.model_copy(update={"lr_schedule": "cosine", "epochs": 1, "warmup_steps": 0})
-    steps = planned_steps(cfg, data, seed=1)
+    steps = planned_steps(cfg, data)
     last_rate = {w: learning_rate(cfg.model_copy(update={"warmup_steps": w}), steps - 1, steps, 1.0)
                  for w in (steps - 2, steps - 1)}
     assert last_rate[steps - 2] < cfg.lr == last_rate[steps - 1]  # one step before the end: no decay
     for warmup in (0, steps - 2):
-        planned_steps(cfg.model_copy(update={"warmup_steps": warmup}), data, seed=1)
+        planned_steps(cfg.model_copy(update={"warmup_steps": warmup}), data)
     assert "warmup_steps" not in caplog.text
-    planned_steps(cfg.model_copy(update={"warmup_steps": steps - 1}), data, seed=1)
+    planned_steps(cfg.model_copy(update={"warmup_steps": steps - 1}), data)
     assert f"({steps - 1}) leaves the {steps} planned steps no room to decay\n" in caplog.text
-    planned_steps(cfg.model_copy(update={"warmup_steps": steps + 1}), data, seed=1)
+    planned_steps(cfg.model_copy(update={"warmup_steps": steps + 1}), data)
     assert f"({steps + 1}) leaves the {steps} planned steps no room to decay, nor to reach train.lr" in caplog.text
 
 
