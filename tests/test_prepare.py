@@ -157,6 +157,15 @@ def test_changed_tokeniser_settings_miss_the_cache(tmp_path, monkeypatch):
     assert frames(tmp_path)["train"]["src_tokens"].str.startswith("The ").all()
 
 
+def test_an_edit_to_the_tokenisers_code_misses_the_cache(tmp_path, monkeypatch):
+    shards = cut(corpus(60), 2)
+    run_prepare(tmp_path, monkeypatch, shards)
+    real_md5 = storage.file_md5
+    # text.py as if edited: its md5 is all the cache key can know of the code
+    monkeypatch.setattr(storage, "file_md5", lambda p: "edited" if Path(p).name == "text.py" else real_md5(p))
+    assert run_prepare(tmp_path, monkeypatch, shards)["shards_tokenised"] == 2
+
+
 def test_the_sentencepiece_sample_is_evenly_spaced_across_parts():
     parts = [Path("a"), Path("b"), Path("c")]
     everything = [rows.tolist() for _, rows in sample_rows(parts, [3, 0, 4], 10)]
