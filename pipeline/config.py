@@ -79,7 +79,7 @@ class IngestParams(Strict):
     sources: list[Source] = Field(default_factory=lambda: [SwordSource()], min_length=1)
     max_words: int = Field(80, ge=1)  # pairs with a longer side are dropped (counted)
     max_length_ratio: float = Field(3.0, ge=1.0)  # word-count ratio beyond which a pair is dropped
-    shard_pairs: int = Field(100_000, ge=1)  # pairs read, cleaned and written as one shard at a time
+    shard_pairs: int = Field(25_000, ge=1)  # pairs read, cleaned and written as one shard at a time
 
     @model_validator(mode="after")
     def names_are_unique(self) -> "IngestParams":

@@ -476,7 +476,7 @@ def ingest_shards(sources: list[Source], out: str | Path, *, max_words: int, max
     }
 
 
-def ingest(sources: list[Source], max_words: int, max_ratio: float, shard_pairs: int = 100_000,
+def ingest(sources: list[Source], max_words: int, max_ratio: float, shard_pairs: int = 25_000,
            parallel: ParallelParams | None = None) -> tuple[pd.DataFrame, dict]:
     """ingest_shards into a temporary folder, read back whole: the pairs and the report (for tests
     and small tools; the stage keeps the shards)."""

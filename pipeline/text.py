@@ -22,6 +22,21 @@ _QUOTES = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "«": '
 SPACE = "\u2581"  # sentencepiece's word-start mark
 
 
+class _Moses(MosesTokenizer):
+    """sacremoses' tokenizer with the same answers, about twice as fast: its character-class tests
+    build a set of every lowercase (or alphabetic) Unicode character on each call, which takes half
+    of all tokenising time; here the sets are built once."""
+
+    _LOWER = frozenset(MosesTokenizer.IsLower)
+    _ALPHA = frozenset(MosesTokenizer.IsAlpha)
+
+    def islower(self, text: str) -> bool:
+        return self._LOWER.issuperset(text)
+
+    def isanyalpha(self, text: str) -> bool:
+        return not self._ALPHA.isdisjoint(text)
+
+
 @dataclass(frozen=True)
 class Tokenizer:
     """Moses word tokens, lowercased if `lowercase`; with `subwords` (a serialized sentencepiece
@@ -33,7 +48,7 @@ class Tokenizer:
 
     @functools.cached_property
     def _moses(self) -> MosesTokenizer:
-        return MosesTokenizer(lang=self.lang)
+        return _Moses(lang=self.lang)
 
     @functools.cached_property
     def _demoses(self) -> MosesDetokenizer:
