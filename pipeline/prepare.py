@@ -253,7 +253,7 @@ def write_split_text(split: str, parts: list[Path]) -> None:
     with storage.atomic_path(split_path(split)) as tmp:
         with pq.ParquetWriter(tmp, pq.read_schema(parts[0])) as writer:
             for table in row_groups(parts):
-                writer.write_table(table)
+                writer.write_table(table.combine_chunks())  # pages cut the same wherever shards ended
 
 
 def unk_rate(frame: pd.DataFrame, column: str, vocab: Vocab) -> float:
