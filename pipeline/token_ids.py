@@ -66,7 +66,7 @@ def npy_header(length: int) -> bytes:
 
 
 class TokenIds:
-    """A split's side, memory-mapped: `ids[i]` is sentence i's ids, `lengths` all their lengths."""
+    """A split's side, memory-mapped: `ids[i]` is sentence i's ids."""
 
     def __init__(self, root: Path, split: str, side: str):
         self.ids = np.load(ids_path(root, split, side), mmap_mode="r")
@@ -77,7 +77,3 @@ class TokenIds:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets).astype(np.int32)
