@@ -144,7 +144,7 @@ class EmbedParams(Strict):
     min_count: int = Field(2, ge=1)
     epochs: int = Field(10, ge=1)
     workers: int = Field(1, ge=1)  # more is faster but not reproducible
-    max_tokens: int | None = Field(None, ge=1)  # None: the whole train split; else the same prefix every pass
+    max_tokens: int | None = Field(5_000_000, ge=1)  # None: the whole train split; else an evenly spread sample
     max_vocab: int | None = Field(None, ge=1)  # gensim's max_final_vocab: None keeps every word of min_count
 
 

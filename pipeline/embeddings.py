@@ -31,13 +31,16 @@ def stable_hash(text: str) -> int:
 class TokenStream:
     """The whitespace-split sentences of one column of a parquet file, read a batch of rows at a
     time, so that memory holds one batch, not the corpus. Restartable: gensim iterates it once for
-    the vocabulary and once per epoch. `max_tokens` ends every pass after the same prefix of that
-    many tokens (the last sentence cut short), a budget for corpora larger than word2vec needs."""
+    the vocabulary and once per epoch. `every`: only every that-many-th sentence, an evenly spread
+    sample of a corpus larger than word2vec needs (a prefix would leave out the later sources);
+    `max_tokens` then ends every pass after the same that-many tokens (the last sentence cut short)."""
 
-    def __init__(self, path: Path, column: str, max_tokens: int | None = None, batch_rows: int = 65536):
+    def __init__(self, path: Path, column: str, max_tokens: int | None = None, every: int = 1,
+                 batch_rows: int = 65536):
         import pyarrow.parquet as pq
 
         self.path, self.column, self.max_tokens, self.batch_rows = Path(path), column, max_tokens, batch_rows
+        self.every = every
         names = pq.read_schema(self.path).names
         if column not in names:
             raise ValueError(f"{self.path}: no column {column!r} (columns: {', '.join(names)})")
@@ -45,9 +48,10 @@ class TokenStream:
     def __iter__(self):
         import pyarrow.parquet as pq
 
-        budget = self.max_tokens
+        budget, row = self.max_tokens, 0
         for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=[self.column]):
-            for text in batch.column(0).to_pylist():
+            texts = batch.column(0).to_pylist()
+            for text in texts[-row % self.every::self.every]:
                 tokens = text.split()
                 if budget is not None:
                     if budget <= len(tokens):  # budget stays >= 1: it only falls by shorter sentences
@@ -55,6 +59,13 @@ class TokenStream:
                         return
                     budget -= len(tokens)
                 yield tokens
+            row += len(texts)
+
+
+def sample_every(total_tokens: int, max_tokens: int | None) -> int:
+    """Which sentences a budget of `max_tokens` reads, of a column of `total_tokens`: every k-th,
+    with k the smallest that brings the sample within the budget (1 where the whole fits)."""
+    return 1 if max_tokens is None else max(1, -(-total_tokens // max_tokens))
 
 
 def train_word2vec(sentences, cfg: EmbedParams, seed: int):

@@ -43,8 +43,11 @@ class DaskPool:
         pending: deque = deque()
         in_flight = self.workers * TASKS_IN_FLIGHT_PER_WORKER
         for item in items:
-            # pure=False: two equal chunks are still two tasks (Dask would otherwise merge them).
-            pending.append(self.client.submit(fn, item, *args, pure=False))
+            # The item (a chunk of rows can be tens of MB) goes straight to a worker, not into the
+            # task graph through the scheduler; this process then holds only its future.
+            # hash/pure=False: two equal chunks are still two tasks (Dask would otherwise merge them).
+            [data] = self.client.scatter([item], hash=False)
+            pending.append(self.client.submit(fn, data, *args, pure=False))
             if len(pending) >= in_flight:
                 yield pending.popleft().result()
         while pending:
