@@ -71,7 +71,18 @@ class FolderSource(Strict):
     path: str = "data/incoming"
 
 
-Source = Annotated[Union[SwordSource, TsvSource, TableSource, TextPairSource, FolderSource],
+class GettextSource(Strict):
+    """The translated messages of gettext catalogs (`.mo` or `.po`): one file, or every catalog in a
+    folder such as /usr/share/locale/es/LC_MESSAGES. The message (msgid) is the source side, its
+    translation (msgstr) the target."""
+
+    kind: Literal["gettext"] = "gettext"
+    name: str = "gettext"
+    path: str
+    catalogs: list[str] | None = None  # a folder's catalogs to read, by name (apt for apt.mo); None: all
+
+
+Source = Annotated[Union[SwordSource, TsvSource, TableSource, TextPairSource, FolderSource, GettextSource],
                    Field(discriminator="kind")]
 
 

@@ -25,8 +25,8 @@ import pandas as pd
 
 from pipeline import storage
 from pipeline.align import align_verses
-from pipeline.config import (FolderSource, InputError, ParallelParams, Source, SwordSource, TableSource,
-                             TextPairSource, TsvSource)
+from pipeline.config import (FolderSource, GettextSource, InputError, ParallelParams, Source, SwordSource,
+                             TableSource, TextPairSource, TsvSource)
 from pipeline.parallel import shard_pool
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,97 @@ def table_rows(source: TableSource, drops: Drops, batch_rows: int) -> Iterator[R
         raise CorpusError(f"{path}: cannot read as a table: {e}") from None
 
 
+# ---------------------------------------------------------------- gettext catalogs
+
+# Placeholders that make a message a template, not a sentence: printf's (%s, %1$d, %-5.2f, %lu;
+# not the space flag, or "100% of" would be one), Python's (%(name)s, {name}, {0}) and the shell's
+# ($HOME, ${name}).
+_FORMAT = re.compile(r"%(?:\d+\$|\([^)]*\))?[-+#0']*(?:\d+|\*)?(?:\.\d+)?(?:hh|h|ll|l|L|z|j|t|q|I64)?"
+                     r"[diouxXeEfFgGaAcspn]|\{\w*(?:[:!][^{}]*)?\}|\$\{?[A-Za-z_]\w*\}?")
+# Keyboard accelerators: GTK's _File and Qt's &Open (but not "&&", a literal "&", nor "&amp;").
+_ACCELERATOR = re.compile(r"(?<![\w&])(?:_|&(?!&|\w+;))(?=\w)")
+# Command-line help's aligned columns: a tab, or three spaces or more inside the text (two are a
+# sentence end's in GNU messages).
+_COLUMNS = re.compile(r"\S {3,}\S|\t")
+
+
+def gettext_files(source: GettextSource) -> list[Path]:
+    """The source's catalogs, in a stable order; a named catalog that is missing is an error."""
+    path = Path(source.path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CorpusError(f"{path}: no gettext catalog or folder of catalogs (ingest.sources: {source.name})")
+    found = sorted(p for p in path.iterdir() if p.suffix in (".mo", ".po") and p.is_file())
+    if source.catalogs is None:
+        return found
+    by_name = {p.stem: p for p in reversed(found)}  # a name with both files reads the .mo
+    missing = [name for name in source.catalogs if name not in by_name]
+    if missing:
+        raise CorpusError(f"{path}: no catalog {', '.join(map(repr, missing))} (.mo or .po; found: "
+                          f"{', '.join(sorted(by_name)) or 'none'})")
+    return [by_name[name] for name in source.catalogs]
+
+
+def read_catalog(path: Path):
+    import polib
+
+    try:
+        return polib.mofile(str(path)) if path.suffix == ".mo" else polib.pofile(str(path))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read as a gettext catalog: {e}") from None
+
+
+def message_pair(src: str, tgt: str, drops: Drops, where: str) -> tuple[str, str] | None:
+    """A message and its translation as a sentence pair, repaired, or None (counted by reason)."""
+    if src.endswith("\n") or tgt.endswith("\n"):
+        src, tgt = src.rstrip("\n"), tgt.rstrip("\n")
+        drops.add("repaired_trailing_newline")
+    for reason, found in (("multi_line", lambda t: "\n" in t), ("format_string", _FORMAT.search),
+                          ("options_text", _COLUMNS.search)):
+        if found(src) or found(tgt):
+            drops.add(reason, where=where)
+            return None
+    if _ACCELERATOR.search(src) or _ACCELERATOR.search(tgt):
+        src, tgt = _ACCELERATOR.sub("", src), _ACCELERATOR.sub("", tgt)
+        drops.add("repaired_accelerator")
+    return src, tgt
+
+
+def gettext_rows(path: Path, source: GettextSource, drops: Drops, notes: dict) -> Iterator[Row]:
+    """The pairs of one catalog. A message's id hashes its text alone, so every copy of it (in other
+    catalogs, other contexts, other translations) falls in the same split and only the first is
+    kept. Plural messages: the singular pair, and the plural pair where the catalog has two forms
+    (English's own; with more or fewer, which form answers the English plural depends on n)."""
+    catalog = read_catalog(path)
+    plural_forms = re.search(r"nplurals\s*=\s*(\d+)", catalog.metadata.get("Plural-Forms", ""))
+    two_forms = plural_forms is not None and plural_forms.group(1) == "2"
+    read = 0
+    for entry in catalog:
+        if not entry.msgid:  # the header
+            continue
+        where = f"{path}: msgid {entry.msgid[:40]!r}"
+        if entry.obsolete or "fuzzy" in entry.flags:
+            drops.add("obsolete_entry" if entry.obsolete else "fuzzy_translation", where=where)
+            continue
+        if entry.msgid_plural:
+            forms = [(entry.msgid, entry.msgstr_plural.get(0, ""))]
+            if two_forms:
+                forms.append((entry.msgid_plural, entry.msgstr_plural.get(1, "")))
+        else:
+            forms = [(entry.msgid, entry.msgstr)]
+        for src, tgt in forms:
+            if not tgt:
+                drops.add("untranslated", where=where)
+                continue
+            pair = message_pair(src, tgt, drops, where)
+            if pair:
+                read += 1
+                yield f"{source.name}:{hashlib.sha1(pair[0].encode()).hexdigest()[:16]}", *pair
+    notes.setdefault("gettext_catalogs", {})[str(path)] = {
+        "language": catalog.metadata.get("Language", ""), "pairs": read}
+
+
 def describe(source: Source) -> str:
     """Where a source reads from, for messages."""
     if isinstance(source, SwordSource):
@@ -287,6 +378,9 @@ def source_parts(source: Source, drops: Drops, notes: dict, batch_rows: int) -> 
         yield table_rows(source, drops, batch_rows)
     elif isinstance(source, TextPairSource):
         yield text_pair_rows(source.src_path, source.tgt_path, drops)
+    elif isinstance(source, GettextSource):
+        for path in gettext_files(source):
+            yield gettext_rows(path, source, drops, notes)
     elif isinstance(source, FolderSource):
         if not Path(source.path).is_dir():
             raise CorpusError(f"{source.path}: not a folder (ingest.sources: {source.name})")
