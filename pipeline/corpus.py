@@ -299,6 +299,22 @@ def gettext_files(source: GettextSource) -> list[Path]:
     return [by_name[name] for name in source.catalogs]
 
 
+def debian_package(path: Path) -> dict[str, str] | None:
+    """The Debian package (and its version) that installed `path`, or None (not from a package, or
+    no dpkg): the ingest report names where each catalog came from, since hosts differ."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-query") is None:
+        return None
+    found = subprocess.run(["dpkg-query", "-S", str(Path(path).resolve())], capture_output=True, text=True)
+    if found.returncode != 0:
+        return None
+    package = found.stdout.split(":", 1)[0].split(",")[0].strip()
+    version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True)
+    return {"package": package, "version": version.stdout.strip()}
+
+
 def read_catalog(path: Path):
     import polib
 
@@ -355,7 +371,7 @@ def gettext_rows(path: Path, source: GettextSource, drops: Drops, notes: dict) -
                 read += 1
                 yield f"{source.name}:{hashlib.sha1(pair[0].encode()).hexdigest()[:16]}", *pair
     notes.setdefault("gettext_catalogs", {})[str(path)] = {
-        "language": catalog.metadata.get("Language", ""), "pairs": read}
+        "language": catalog.metadata.get("Language", ""), "pairs": read, "debian": debian_package(path)}
 
 
 def describe(source: Source) -> str:

@@ -73,7 +73,7 @@ def test_messages_become_pairs_and_the_rest_is_counted(tmp_path, suffix):
         dropped |= {"fuzzy_translation": 1, "untranslated": 1, "obsolete_entry": 1}
     assert report["dropped"] == dropped
     assert report["repaired"]["trailing_newline"] == 1 and report["repaired"]["accelerator"] == 2
-    assert report["gettext_catalogs"] == {str(path): {"language": "es", "pairs": 10}}
+    assert report["gettext_catalogs"] == {str(path): {"language": "es", "pairs": 10, "debian": None}}
     assert report["examples"]["format_string"][0] == f"{path}: msgid 'Cannot open %s'"
 
 
@@ -124,3 +124,14 @@ def test_params_take_a_gettext_source(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("ingest:\n  sources:\n    - {kind: gettext}\n")
     with pytest.raises(ParamsError, match=r"ingest\.sources\.0\.gettext\.path"):
         load_params()
+
+
+def test_a_catalog_from_a_debian_package_is_named_with_its_version(tmp_path):
+    """apt is on every Debian machine, and ships its Spanish catalog."""
+    import subprocess
+
+    path = "/usr/share/locale/es/LC_MESSAGES/apt.mo"
+    version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "apt"], capture_output=True, text=True).stdout
+    _, report = read(path)
+    assert report["gettext_catalogs"][path]["debian"] == {"package": "apt", "version": version}
+    assert version and report["gettext_catalogs"][path]["pairs"] > 100
