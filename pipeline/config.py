@@ -223,7 +223,7 @@ class EvaluateParams(Strict):
 
 
 class RegisterParams(Strict):
-    model_name: str = "vamos-en-es"
+    model_name: str = "vamos-en-es"  # in params.yaml, null names it after the pair (Params below)
     experiment: str = "vamos"
     metric: str = "bleu"  # what promotion compares; must be a key of `directions`
     # Which way each metric improves; promotion flips the comparison for lower-is-better ones.
@@ -299,6 +299,21 @@ class Params(Strict):
     serve: ServeParams = ServeParams()
     parallel: ParallelParams = ParallelParams()
     flow: FlowParams = FlowParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_named_after_its_pair(cls, data):
+        """register.model_name null or absent: vamos-<src>-<tgt> (vamos-es-en), so that each language
+        pair has a registered model, and a champion, of its own in one MLflow store."""
+        if not isinstance(data, dict) or not isinstance(data.get("register", {}) or {}, dict):
+            return data
+        register = dict(data.get("register") or {})
+        if register.get("model_name") is None:
+            prepare = data.get("prepare") or {}
+            langs = ((prepare.get("src_lang", "en"), prepare.get("tgt_lang", "es")) if isinstance(prepare, dict)
+                     else (prepare.src_lang, prepare.tgt_lang))
+            register["model_name"] = "vamos-{}-{}".format(*langs)
+        return {**data, "register": register}
 
     @model_validator(mode="after")
     def _split_leaves_training_data(self) -> "Params":

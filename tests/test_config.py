@@ -129,3 +129,15 @@ def test_overrides_of_every_type_reach_params_yaml_through_dvcs_set_param_gramma
     for key, value in overrides.items():
         section, leaf = key.split(".")
         assert written[section][leaf] == value
+
+
+@pytest.mark.parametrize("register, prepare, name", [
+    ({}, {}, "vamos-en-es"),
+    ({"model_name": None}, {"src_lang": "es", "tgt_lang": "en"}, "vamos-es-en"),
+    (None, {"tgt_lang": "zh"}, "vamos-en-zh"),
+    ({"model_name": "bible-translator"}, {"src_lang": "es", "tgt_lang": "en"}, "bible-translator"),
+])
+def test_the_registered_model_is_named_after_its_pair_unless_named(tmp_path, register, prepare, name):
+    raw = {"prepare": prepare} | ({} if register is None else {"register": register})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert load_params(tmp_path / "params.yaml").registry.model_name == name
