@@ -305,15 +305,19 @@ class Params(Strict):
     def _model_named_after_its_pair(cls, data):
         """register.model_name null or absent: vamos-<src>-<tgt> (vamos-es-en), so that each language
         pair has a registered model, and a champion, of its own in one MLflow store."""
-        if not isinstance(data, dict) or not isinstance(data.get("register", {}) or {}, dict):
+        if not isinstance(data, dict):
             return data
-        register = dict(data.get("register") or {})
-        if register.get("model_name") is None:
-            prepare = data.get("prepare") or {}
-            langs = ((prepare.get("src_lang", "en"), prepare.get("tgt_lang", "es")) if isinstance(prepare, dict)
-                     else (prepare.src_lang, prepare.tgt_lang))
-            register["model_name"] = "vamos-{}-{}".format(*langs)
-        return {**data, "register": register}
+        register, prepare = data.get("register") or {}, data.get("prepare") or {}
+        if not isinstance(register, dict) or register.get("model_name") is not None:
+            return data
+        if isinstance(prepare, dict):
+            defaults = PrepareParams.model_fields
+            langs = [prepare.get(key, defaults[key].default) for key in ("src_lang", "tgt_lang")]
+        elif isinstance(prepare, PrepareParams):
+            langs = [prepare.src_lang, prepare.tgt_lang]
+        else:
+            return data  # not a section: validation names it
+        return {**data, "register": {**register, "model_name": "vamos-{}-{}".format(*langs)}}
 
     @model_validator(mode="after")
     def _split_leaves_training_data(self) -> "Params":
@@ -355,6 +359,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: invalid params\n{_describe(e)}") from None
 
 
+def _file_names_no_model(path: str | Path) -> bool:
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    register = raw.get("register") if isinstance(raw, dict) else None
+    return not isinstance(register, dict) or register.get("model_name") is None
+
+
 def params_with(path: str | Path, overrides: Mapping[str, Any] | None) -> Params:
     """params.yaml with `{"section.key": value}` overrides applied, validated; ParamsError names a
     bad key, of the file or of the overrides. A key may be one that the file leaves at its default."""
@@ -362,6 +372,8 @@ def params_with(path: str | Path, overrides: Mapping[str, Any] | None) -> Params
     if not overrides:
         return params
     raw = params.model_dump(by_alias=True)
+    if _file_names_no_model(path):  # named after the pair, which an override may change
+        raw["register"]["model_name"] = None
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = raw

@@ -13,6 +13,7 @@ import html
 import itertools
 import logging
 import re
+import struct
 import tempfile
 import unicodedata
 from collections import Counter
@@ -269,34 +270,72 @@ def table_rows(source: TableSource, drops: Drops, batch_rows: int) -> Iterator[R
 
 # ---------------------------------------------------------------- gettext catalogs
 
-# Placeholders that make a message a template, not a sentence: printf's (%s, %1$d, %-5.2f, %lu;
-# not the space flag, or "100% of" would be one), Python's (%(name)s, {name}, {0}) and the shell's
-# ($HOME, ${name}).
-_FORMAT = re.compile(r"%(?:\d+\$|\([^)]*\))?[-+#0']*(?:\d+|\*)?(?:\.\d+)?(?:hh|h|ll|l|L|z|j|t|q|I64)?"
-                     r"[diouxXeEfFgGaAcspn]|\{\w*(?:[:!][^{}]*)?\}|\$\{?[A-Za-z_]\w*\}?")
-# Keyboard accelerators: GTK's _File and Qt's &Open (but not "&&", a literal "&", nor "&amp;").
-_ACCELERATOR = re.compile(r"(?<![\w&])(?:_|&(?!&|\w+;))(?=\w)")
-# Command-line help's aligned columns: a tab, or three spaces or more inside the text (two are a
-# sentence end's in GNU messages).
-_COLUMNS = re.compile(r"\S {3,}\S|\t")
+# Placeholders that make a message a template, not a sentence: printf's (%s, %1$d, %-5.2f, %.*s, %lu,
+# %m; not the space flag, or "100% of" would be one; "%%" is a literal "%"), C99's %<PRIu64>, Qt's
+# %1 and %L1, Python's (%(name)s, {name}, {0}) and the shell's ($HOME, ${name}).
+_FORMAT = re.compile(r"%(?:\d+\$|\([^)]*\))?[-+#0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?(?:hh|h|ll|l|L|z|j|t|q|I64)?"
+                     r"[diouxXeEfFgGaAcspnm]|%<\w+>|%L?\d|\{\w*(?:[:!][^{}]*)?\}|\$\{?[A-Za-z_]\w*\}?")
+# Command-line help: aligned columns (a tab, or three spaces or more inside the text: GNU writes two
+# after a sentence end) or an indented option.
+_COLUMNS = re.compile(r"\S {3,}\S|\t|^\s+--?\w")
+_ENTITY = re.compile(r"&#?\w+;")  # &amp;, &#38;: not accelerators
+# An accelerator in brackets after the label, as CJK catalogs write it: 文件(_F).
+_BRACKETED_ACCELERATOR = re.compile(r"\s*\([_&][^\W_]\)")
+
+
+def has_placeholder(text: str) -> bool:
+    return _FORMAT.search(text.replace("%%", "")) is not None
+
+
+def accelerator(text: str, at_word_start: bool) -> str | None:
+    """GTK's "_" or Qt's "&" where `text` has exactly one of it, before a letter or digit (and at a
+    word's start if asked): one, so that identifiers (max_size, _SDA_BASE_) and "&&" are left."""
+    for mark in ("_", "&"):
+        if text.count(mark) != 1:
+            continue
+        at = text.index(mark)
+        before, after = text[at - 1:at], text[at + 1:at + 2]
+        if after.isalnum() and not (at_word_start and before.isalnum()) and not _ENTITY.match(text, at):
+            return mark
+    return None
+
+
+def remove_accelerators(src: str, tgt: str) -> tuple[str, str, bool]:
+    """The pair without its keyboard accelerators: the source's at a word's start (_File, Save _As),
+    the translation's wherever the translator put it (Co_mo), or bracketed (文件(_F))."""
+    tgt_bracketless = _BRACKETED_ACCELERATOR.sub("", tgt)
+    mark = accelerator(src, at_word_start=True)
+    if mark is None:
+        return src, tgt_bracketless, tgt_bracketless != tgt
+    src = src.replace(mark, "", 1)
+    if tgt_bracketless == tgt and accelerator(tgt, at_word_start=False) == mark:
+        tgt_bracketless = tgt.replace(mark, "", 1)
+    return src, tgt_bracketless, True
 
 
 def gettext_files(source: GettextSource) -> list[Path]:
-    """The source's catalogs, in a stable order; a named catalog that is missing is an error."""
+    """The source's catalogs, in a stable order (one file a name: a .mo before a .po); a named
+    catalog that is missing, or a folder without one, is an error."""
     path = Path(source.path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise CorpusError(f"{path}: no gettext catalog or folder of catalogs (ingest.sources: {source.name})")
-    found = sorted(p for p in path.iterdir() if p.suffix in (".mo", ".po") and p.is_file())
-    if source.catalogs is None:
-        return found
-    by_name = {p.stem: p for p in reversed(found)}  # a name with both files reads the .mo
-    missing = [name for name in source.catalogs if name not in by_name]
+    by_name: dict[str, Path] = {}
+    for file in sorted((p for p in path.iterdir() if p.suffix in CATALOG_SUFFIXES and p.is_file()),
+                       key=lambda p: (p.stem, CATALOG_SUFFIXES.index(p.suffix))):
+        by_name.setdefault(file.stem, file)
+    if not by_name:
+        raise CorpusError(f"{path}: no gettext catalog here ({', '.join(CATALOG_SUFFIXES)}; ingest.sources: "
+                          f"{source.name})")
+    names = sorted(by_name) if source.catalogs is None else source.catalogs
+    missing = [name for name in names if name not in by_name]
     if missing:
-        raise CorpusError(f"{path}: no catalog {', '.join(map(repr, missing))} (.mo or .po; found: "
-                          f"{', '.join(sorted(by_name)) or 'none'})")
-    return [by_name[name] for name in source.catalogs]
+        raise CorpusError(f"{path}: no catalog {', '.join(map(repr, missing))} (found: {', '.join(sorted(by_name))})")
+    return [by_name[name] for name in names]
+
+
+CATALOG_SUFFIXES = (".mo", ".gmo", ".po")
 
 
 def debian_package(path: Path) -> dict[str, str] | None:
@@ -319,8 +358,8 @@ def read_catalog(path: Path):
     import polib
 
     try:
-        return polib.mofile(str(path)) if path.suffix == ".mo" else polib.pofile(str(path))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return polib.pofile(str(path)) if path.suffix == ".po" else polib.mofile(str(path))
+    except (OSError, ValueError, UnicodeDecodeError, struct.error) as e:  # struct: a truncated .mo
         raise CorpusError(f"{path}: cannot read as a gettext catalog: {e}") from None
 
 
@@ -329,14 +368,17 @@ def message_pair(src: str, tgt: str, drops: Drops, where: str) -> tuple[str, str
     if src.endswith("\n") or tgt.endswith("\n"):
         src, tgt = src.rstrip("\n"), tgt.rstrip("\n")
         drops.add("repaired_trailing_newline")
-    for reason, found in (("multi_line", lambda t: "\n" in t), ("format_string", _FORMAT.search),
+    for reason, found in (("multi_line", lambda t: "\n" in t), ("format_string", has_placeholder),
                           ("options_text", _COLUMNS.search)):
         if found(src) or found(tgt):
             drops.add(reason, where=where)
             return None
-    if _ACCELERATOR.search(src) or _ACCELERATOR.search(tgt):
-        src, tgt = _ACCELERATOR.sub("", src), _ACCELERATOR.sub("", tgt)
+    src, tgt, repaired = remove_accelerators(src, tgt)
+    if repaired:
         drops.add("repaired_accelerator")
+    if "%%" in src or "%%" in tgt:  # a printf message: "%%" prints "%"
+        src, tgt = src.replace("%%", "%"), tgt.replace("%%", "%")
+        drops.add("repaired_percent_escape")
     return src, tgt
 
 
@@ -369,7 +411,7 @@ def gettext_rows(path: Path, source: GettextSource, drops: Drops, notes: dict) -
             pair = message_pair(src, tgt, drops, where)
             if pair:
                 read += 1
-                yield f"{source.name}:{hashlib.sha1(pair[0].encode()).hexdigest()[:16]}", *pair
+                yield f"{source.name}:{hashlib.sha1(normalise(pair[0]).encode()).hexdigest()[:16]}", *pair
     notes.setdefault("gettext_catalogs", {})[str(path)] = {
         "language": catalog.metadata.get("Language", ""), "pairs": read, "debian": debian_package(path)}
 
@@ -516,6 +558,7 @@ def first_occurrences(hashes: np.ndarray) -> np.ndarray:
     """True where a hash is seen for the first time, in order. Equal hashes share their top 4 bits,
     so each of the 16 ranges they define is deduplicated alone: np.unique's sort needs several
     copies of what it sorts, 0.4 GB at once for 10M pairs, here a sixteenth of that."""
+    assert hashes.dtype == np.uint64, hashes.dtype  # signed hashes would fall outside the buckets
     seen_first = np.zeros(len(hashes), dtype=bool)
     bucket = (hashes >> np.uint64(60)).astype(np.uint8)
     for b in range(16):

@@ -50,20 +50,16 @@ def prepare(params: Params) -> dict:
 
 
 def embed(params: Params) -> dict:
-    from pipeline.embeddings import (TokenStream, evaluate_vectors, plot_projection, sample_every, save_vectors,
-                                     train_word2vec)
-    from pipeline.token_ids import TokenIds
+    from pipeline.embeddings import TokenStream, evaluate_vectors, plot_projection, save_vectors, train_word2vec
 
     report = {}
     for side, column, lang in (("src", "src_tokens", params.prepare.src_lang),
                                ("tgt", "tgt_tokens", params.prepare.tgt_lang)):
-        total_tokens = int(TokenIds(storage.PREPARED, "train", side).offsets[-1])
-        every = sample_every(total_tokens, params.embed.max_tokens)
-        sentences = TokenStream(split_path("train"), column, params.embed.max_tokens, every)
+        sentences = TokenStream(split_path("train"), column, params.embed.max_tokens)
         model = train_word2vec(sentences, params.embed, params.seed)
         log.info("word2vec (%s) on %d %s sentences (every %s of the training split), %d words, %d in the "
                  "vocabulary", "skip-gram" if params.embed.sg else "CBOW", model.corpus_count, lang,
-                 "one" if every == 1 else f"{every}th", model.corpus_total_words, len(model.wv))
+                 "one" if sentences.every == 1 else f"{sentences.every}th", model.corpus_total_words, len(model.wv))
         save_vectors(storage.EMBEDDINGS / f"{side}.w2v", model.wv)
         report[side] = evaluate_vectors(model.wv, lang)
         plot_projection(model.wv, storage.PLOTS / f"embeddings_{side}.png", f"word2vec ({lang}): PCA of frequent words")

@@ -141,3 +141,16 @@ def test_the_registered_model_is_named_after_its_pair_unless_named(tmp_path, reg
     raw = {"prepare": prepare} | ({} if register is None else {"register": register})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert load_params(tmp_path / "params.yaml").registry.model_name == name
+
+
+def test_an_override_of_the_pair_renames_a_model_the_file_does_not_name(tmp_path):
+    (tmp_path / "params.yaml").write_text("register: {model_name: null}\n")
+    assert params_with(tmp_path / "params.yaml", {"prepare.tgt_lang": "pt"}).registry.model_name == "vamos-en-pt"
+    (tmp_path / "params.yaml").write_text("register: {model_name: mine}\n")
+    assert params_with(tmp_path / "params.yaml", {"prepare.tgt_lang": "pt"}).registry.model_name == "mine"
+
+
+def test_a_prepare_that_is_not_a_section_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text("prepare: [en, es]\n")
+    with pytest.raises(ParamsError, match="prepare"):
+        load_params(tmp_path / "params.yaml")

@@ -34,10 +34,19 @@ def test_stream_yields_the_sentences_in_order_and_restarts(train_file):
 
 @pytest.mark.parametrize("budget", [1, 9, 10, 1001])
 def test_max_tokens_stops_every_pass_at_the_budget(train_file, budget):
-    stream = TokenStream(train_file, "src_tokens", max_tokens=budget, batch_rows=100)
+    stream = TokenStream(train_file, "src_tokens", max_tokens=budget, every=1, batch_rows=100)
     flat = [token for sentence in sentences_of(train_file, "src_tokens") for token in sentence]
     for _ in range(2):
         assert [token for sentence in stream for token in sentence] == flat[:budget]
+
+
+def test_a_budget_samples_every_kth_sentence_within_it(train_file):
+    sentences = sentences_of(train_file, "src_tokens")
+    total = sum(map(len, sentences))
+    assert TokenStream(train_file, "src_tokens").count_tokens() == total
+    stream = TokenStream(train_file, "src_tokens", max_tokens=total // 3, batch_rows=100)
+    assert stream.every == 3 == sample_every(total, total // 3)
+    assert [t for s in stream for t in s] == [t for s in sentences[::3] for t in s][:total // 3]
 
 
 def test_a_budget_beyond_the_corpus_yields_it_all(train_file):

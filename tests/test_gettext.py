@@ -102,13 +102,14 @@ def test_a_folder_reads_the_named_catalogs_in_their_order(tmp_path):
     catalog([entry("Gamma", "Gama")]).save(str(tmp_path / "c.po"))
     pairs, _ = read(tmp_path, catalogs=["c", "a"])
     assert list(pairs["src"]) == ["Gamma", "Alpha"]
-    with pytest.raises(CorpusError, match=r"no catalog 'zz' \(\.mo or \.po; found: a, b, c\)"):
+    with pytest.raises(CorpusError, match=r"no catalog 'zz' \(found: a, b, c\)"):
         read(tmp_path, catalogs=["zz"])
 
 
-def test_unreadable_catalog_names_the_file(tmp_path):
+@pytest.mark.parametrize("content", [b"not a catalog at all", b"", b"\xde\x12\x04\x95\x00"])
+def test_unreadable_catalog_names_the_file(tmp_path, content):
     path = tmp_path / "broken.mo"
-    path.write_bytes(b"not a catalog at all")
+    path.write_bytes(content)  # garbage, empty, truncated after the magic number
     with pytest.raises(CorpusError, match=rf"{path}: cannot read as a gettext catalog"):
         read(path)
     with pytest.raises(CorpusError, match=rf"{tmp_path / 'nowhere'}: no gettext catalog"):
@@ -135,3 +136,37 @@ def test_a_catalog_from_a_debian_package_is_named_with_its_version(tmp_path):
     _, report = read(path)
     assert report["gettext_catalogs"][path]["debian"] == {"package": "apt", "version": version}
     assert version and report["gettext_catalogs"][path]["pairs"] > 100
+
+
+@pytest.mark.parametrize("src, tgt, pair", [
+    ("Save _As", "Guardar co_mo", ("Save As", "Guardar como")),  # the translator's own place
+    ("_File", "文件(_F)", ("File", "文件")),  # bracketed, as CJK catalogs write it
+    ("Invalid max_size value", "Valor max_size no válido", ("Invalid max_size value", "Valor max_size no válido")),
+    ("Symbol _SDA_BASE_ is missing", "Falta el símbolo _SDA_BASE_",
+     ("Symbol _SDA_BASE_ is missing", "Falta el símbolo _SDA_BASE_")),
+    ("Fish &amp; chips", "Pescado &amp; patatas", ("Fish &amp; chips", "Pescado &amp; patatas")),
+    ("Disk 100%% full", "Disco lleno al 100%%", ("Disk 100% full", "Disco lleno al 100%")),
+])
+def test_accelerators_go_and_identifiers_stay(tmp_path, src, tgt, pair):
+    catalog([entry(src, tgt)]).save(str(tmp_path / "a.po"))
+    pairs, _ = read(tmp_path / "a.po")
+    assert list(zip(pairs["src"], pairs["tgt"])) == [pair]
+
+
+@pytest.mark.parametrize("template", ["Read %.*s", "Failed: %m", "Size %<PRIu64>", "Deleted %1 files",
+                                      "Copied %L1 items", "Value {0!r}"])
+def test_more_templates_are_dropped(tmp_path, template):
+    catalog([entry(template, template + " es")]).save(str(tmp_path / "a.po"))
+    with pytest.raises(CorpusError, match=r"no pairs left.*'format_string': 1"):
+        read(tmp_path / "a.po")
+
+
+def test_a_folder_reads_each_catalog_once_and_an_empty_one_is_an_error(tmp_path):
+    po = catalog([entry("Alpha", "Alfa")])
+    po.save(str(tmp_path / "a.po"))
+    po.save_as_mofile(str(tmp_path / "a.mo"))
+    pairs, report = read(tmp_path)
+    assert list(pairs["src"]) == ["Alpha"] and list(report["gettext_catalogs"]) == [str(tmp_path / "a.mo")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match=rf"{tmp_path / 'empty'}: no gettext catalog here"):
+        read(tmp_path / "empty")
