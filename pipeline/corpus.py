@@ -26,8 +26,8 @@ import pandas as pd
 
 from pipeline import storage
 from pipeline.align import align_verses
-from pipeline.config import (FolderSource, GettextSource, InputError, ParallelParams, Source, SwordSource,
-                             TableSource, TextPairSource, TsvSource)
+from pipeline.config import (FolderSource, GettextSource, IngestParams, InputError, ParallelParams, Source,
+                             SwordSource, TableSource, TextPairSource, TsvSource)
 from pipeline.parallel import shard_pool
 
 log = logging.getLogger(__name__)
@@ -634,7 +634,8 @@ def ingest_shards(sources: list[Source], out: str | Path, *, max_words: int, max
     }
 
 
-def ingest(sources: list[Source], max_words: int, max_ratio: float, shard_pairs: int = 25_000,
+def ingest(sources: list[Source], max_words: int, max_ratio: float,
+           shard_pairs: int = IngestParams.model_fields["shard_pairs"].default,
            parallel: ParallelParams | None = None) -> tuple[pd.DataFrame, dict]:
     """ingest_shards into a temporary folder, read back whole: the pairs and the report (for tests
     and small tools; the stage keeps the shards)."""
