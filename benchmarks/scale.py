@@ -10,7 +10,9 @@ augmentation), written as one TSV in a project of its own under --workdir. Each 
 (parallel.workers) where given. Two peak RSS figures: wait4's, the largest of the stage process and
 each of its children alone; and the whole tree's, the stage process and its Dask workers summed,
 sampled every 0.2 s. `train` runs one step (`train.max_steps: 1`, no
-lexicon): the time to a first update and the loader's memory. It prints figures and asserts nothing."""
+lexicon): the time to a first update and the loader's memory. `evaluate` and `register` then decode
+the capped test split with that untrained model, which never stops before its length limit: an
+upper bound on their time at any corpus size. It prints figures and asserts nothing."""
 from __future__ import annotations
 
 import os
@@ -33,7 +35,7 @@ from pipeline.device import cpu_info  # noqa: E402
 from pipeline.storage import RAW_PAIRS, raw_shards  # noqa: E402
 from pipeline.tracking import git_commit  # noqa: E402
 
-STAGES = ["ingest", "prepare", "embed", "train"]
+STAGES = ["ingest", "prepare", "embed", "train", "evaluate", "register"]
 
 
 def write_corpus(verses: pd.DataFrame, pairs: int, join: int, path: Path, seed: int) -> None:

@@ -34,9 +34,10 @@ def main(models: list[Path], split: str = "test", data: Path = Path("data/prepar
     for path in models:
         translator = load_translator(path, pick_device(params.train.device))
         outputs.append(detokenize_all(translator, translate_split(translator, frame, params.evaluate)))
-        beam = score(outputs[-1], references)
+        lang = params.prepare.tgt_lang
+        beam = score(outputs[-1], references, lang)
         greedy = score(detokenize_all(translator, translate_split(translator, frame, params.evaluate, beam_size=1)),
-                       references)
+                       references, lang)
         print(f"| {path} | {len(frame)} | {beam['bleu']:.2f} | {beam['chrf']:.2f} | {greedy['bleu']:.2f} |", flush=True)
     if len(models) > 1:
         print_paired(models, outputs, references, params)
@@ -51,7 +52,8 @@ def print_paired(models: list[Path], outputs: list[list[str]], references: list[
     print("|---|---|---|---|---|---|")
     for path, output in zip(models[1:], outputs[1:]):
         for metric, direction in cfg.directions.items():
-            test = paired_bootstrap(metric, output, outputs[0], references, cfg.bootstrap_samples, params.seed)
+            test = paired_bootstrap(metric, output, outputs[0], references, cfg.bootstrap_samples, params.seed,
+                                    params.prepare.tgt_lang)
             low, high = test["delta_95ci"]
             print(f"| {path} | {metric} | {test['delta']:+.2f} | [{low:+.2f}, {high:+.2f}] | {test['p_value']:.3f} "
                   f"| {direction} |")

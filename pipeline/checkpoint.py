@@ -29,7 +29,7 @@ NOT_IN_FINGERPRINT = {"epochs", "max_steps", "patience", "smoothing", "max_minut
                       "lexicon", "lexicon_pairs", "device"}
 # Everything `train` runs that can change what it computes (decode.py: validation BLEU picks the model).
 CODE = ["train.py", "loss.py", "schedule.py", "checkpoint.py", "validation.py", "device.py", "distributed.py",
-        "data.py", "token_ids.py", "text.py", "embeddings.py", "decode.py", "lexicon.py", "model/*.py"]
+        "data.py", "token_ids.py", "text.py", "embeddings.py", "decode.py", "metrics.py", "lexicon.py", "model/*.py"]
 CHECKPOINT_FILE = "last.pt"
 
 

@@ -12,7 +12,7 @@ from pipeline.tracking import offline_environment
 
 offline_environment()
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="vamos: train, evaluate, register and use an English->Spanish translator.")
+                  help="vamos: train, evaluate, register and use a translator (English->Spanish by default).")
 PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file")
 
 # How `vamos <stage>` exits, by cause. The Prefect flow (flows/pipeline_flow.py) retries by these codes alone.
@@ -157,7 +157,7 @@ def restore(
 
 @app.command()
 def translate(
-    text: Optional[list[str]] = typer.Argument(None, help="English text to translate; none: read --input or stdin"),
+    text: Optional[list[str]] = typer.Argument(None, help="text in the source language; none: read --input or stdin"),
     model: str = typer.Option("champion", "--model", "-m",
                               help="a registry alias (champion), a version number, a models:/ URI, or a model.pt file"),
     beam: Optional[int] = typer.Option(None, "--beam", "-b", help="beam size, 1 to 16 (default: the model's)"),
@@ -168,7 +168,7 @@ def translate(
     attention: Optional[Path] = typer.Option(None, "--attention", help="save the attention heatmap of one sentence (PNG)"),
     params: Path = PARAMS,
 ) -> None:
-    """Translate English to Spanish with the registered champion (or any model). A line longer than
+    """Translate with the registered champion of the params' pair (or any model). A line longer than
     serve.max_sentence_tokens is split into sentences; a sentence still longer is an error."""
     from pipeline.config import ParamsError
     from pipeline.serving import ModelNotFound, RequestError

@@ -71,7 +71,18 @@ class FolderSource(Strict):
     path: str = "data/incoming"
 
 
-Source = Annotated[Union[SwordSource, TsvSource, TableSource, TextPairSource, FolderSource],
+class GettextSource(Strict):
+    """The translated messages of gettext catalogs (`.mo` or `.po`): one file, or every catalog in a
+    folder such as /usr/share/locale/es/LC_MESSAGES. The message (msgid) is the source side, its
+    translation (msgstr) the target."""
+
+    kind: Literal["gettext"] = "gettext"
+    name: str = "gettext"
+    path: str
+    catalogs: list[str] | None = None  # a folder's catalogs to read, by name (apt for apt.mo); None: all
+
+
+Source = Annotated[Union[SwordSource, TsvSource, TableSource, TextPairSource, FolderSource, GettextSource],
                    Field(discriminator="kind")]
 
 
@@ -144,7 +155,7 @@ class EmbedParams(Strict):
     min_count: int = Field(2, ge=1)
     epochs: int = Field(10, ge=1)
     workers: int = Field(1, ge=1)  # more is faster but not reproducible
-    max_tokens: int | None = Field(None, ge=1)  # None: the whole train split; else the same prefix every pass
+    max_tokens: int | None = Field(5_000_000, ge=1)  # None: the whole train split; else an evenly spread sample
     max_vocab: int | None = Field(None, ge=1)  # gensim's max_final_vocab: None keeps every word of min_count
 
 
@@ -212,7 +223,7 @@ class EvaluateParams(Strict):
 
 
 class RegisterParams(Strict):
-    model_name: str = "vamos-en-es"
+    model_name: str = "vamos-en-es"  # in params.yaml, null names it after the pair (Params below)
     experiment: str = "vamos"
     metric: str = "bleu"  # what promotion compares; must be a key of `directions`
     # Which way each metric improves; promotion flips the comparison for lower-is-better ones.
@@ -289,6 +300,25 @@ class Params(Strict):
     parallel: ParallelParams = ParallelParams()
     flow: FlowParams = FlowParams()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_named_after_its_pair(cls, data):
+        """register.model_name null or absent: vamos-<src>-<tgt> (vamos-es-en), so that each language
+        pair has a registered model, and a champion, of its own in one MLflow store."""
+        if not isinstance(data, dict):
+            return data
+        register, prepare = data.get("register") or {}, data.get("prepare") or {}
+        if not isinstance(register, dict) or register.get("model_name") is not None:
+            return data
+        if isinstance(prepare, dict):
+            defaults = PrepareParams.model_fields
+            langs = [prepare.get(key, defaults[key].default) for key in ("src_lang", "tgt_lang")]
+        elif isinstance(prepare, PrepareParams):
+            langs = [prepare.src_lang, prepare.tgt_lang]
+        else:
+            return data  # not a section: validation names it
+        return {**data, "register": {**register, "model_name": "vamos-{}-{}".format(*langs)}}
+
     @model_validator(mode="after")
     def _split_leaves_training_data(self) -> "Params":
         if self.prepare.split.valid + self.prepare.split.test >= 0.5:
@@ -329,6 +359,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: invalid params\n{_describe(e)}") from None
 
 
+def _file_names_no_model(path: str | Path) -> bool:
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    register = raw.get("register") if isinstance(raw, dict) else None
+    return not isinstance(register, dict) or register.get("model_name") is None
+
+
 def params_with(path: str | Path, overrides: Mapping[str, Any] | None) -> Params:
     """params.yaml with `{"section.key": value}` overrides applied, validated; ParamsError names a
     bad key, of the file or of the overrides. A key may be one that the file leaves at its default."""
@@ -336,6 +372,8 @@ def params_with(path: str | Path, overrides: Mapping[str, Any] | None) -> Params
     if not overrides:
         return params
     raw = params.model_dump(by_alias=True)
+    if _file_names_no_model(path):  # named after the pair, which an override may change
+        raw["register"]["model_name"] = None
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = raw

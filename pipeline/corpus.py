@@ -13,6 +13,7 @@ import html
 import itertools
 import logging
 import re
+import struct
 import tempfile
 import unicodedata
 from collections import Counter
@@ -25,8 +26,8 @@ import pandas as pd
 
 from pipeline import storage
 from pipeline.align import align_verses
-from pipeline.config import (FolderSource, InputError, ParallelParams, Source, SwordSource, TableSource,
-                             TextPairSource, TsvSource)
+from pipeline.config import (FolderSource, GettextSource, IngestParams, InputError, ParallelParams, Source,
+                             SwordSource, TableSource, TextPairSource, TsvSource)
 from pipeline.parallel import shard_pool
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,154 @@ def table_rows(source: TableSource, drops: Drops, batch_rows: int) -> Iterator[R
         raise CorpusError(f"{path}: cannot read as a table: {e}") from None
 
 
+# ---------------------------------------------------------------- gettext catalogs
+
+# Placeholders that make a message a template, not a sentence: printf's (%s, %1$d, %-5.2f, %.*s, %lu,
+# %m; not the space flag, or "100% of" would be one; "%%" is a literal "%"), C99's %<PRIu64>, Qt's
+# %1 and %L1, Python's (%(name)s, {name}, {0}) and the shell's ($HOME, ${name}).
+_FORMAT = re.compile(r"%(?:\d+\$|\([^)]*\))?[-+#0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?(?:hh|h|ll|l|L|z|j|t|q|I64)?"
+                     r"[diouxXeEfFgGaAcspnm]|%<\w+>|%L?\d|\{\w*(?:[:!][^{}]*)?\}|\$\{?[A-Za-z_]\w*\}?")
+# Command-line help: aligned columns (a tab, or three spaces or more inside the text: GNU writes two
+# after a sentence end) or an indented option.
+_COLUMNS = re.compile(r"\S {3,}\S|\t|^\s+--?\w")
+_ENTITY = re.compile(r"&#?\w+;")  # &amp;, &#38;: not accelerators
+# An accelerator in brackets after the label, as CJK catalogs write it: 文件(_F).
+_BRACKETED_ACCELERATOR = re.compile(r"\s*\([_&][^\W_]\)")
+
+
+def has_placeholder(text: str) -> bool:
+    return _FORMAT.search(text.replace("%%", "")) is not None
+
+
+def accelerator(text: str, at_word_start: bool) -> str | None:
+    """GTK's "_" or Qt's "&" where `text` has exactly one of it, before a letter or digit (and at a
+    word's start if asked): one, so that identifiers (max_size, _SDA_BASE_) and "&&" are left."""
+    for mark in ("_", "&"):
+        if text.count(mark) != 1:
+            continue
+        at = text.index(mark)
+        before, after = text[at - 1:at], text[at + 1:at + 2]
+        if after.isalnum() and not (at_word_start and before.isalnum()) and not _ENTITY.match(text, at):
+            return mark
+    return None
+
+
+def remove_accelerators(src: str, tgt: str) -> tuple[str, str, bool]:
+    """The pair without its keyboard accelerators: the source's at a word's start (_File, Save _As),
+    the translation's wherever the translator put it (Co_mo), or bracketed (文件(_F))."""
+    tgt_bracketless = _BRACKETED_ACCELERATOR.sub("", tgt)
+    mark = accelerator(src, at_word_start=True)
+    if mark is None:
+        return src, tgt_bracketless, tgt_bracketless != tgt
+    src = src.replace(mark, "", 1)
+    if tgt_bracketless == tgt and accelerator(tgt, at_word_start=False) == mark:
+        tgt_bracketless = tgt.replace(mark, "", 1)
+    return src, tgt_bracketless, True
+
+
+def gettext_files(source: GettextSource) -> list[Path]:
+    """The source's catalogs, in a stable order (one file a name: a .mo before a .po); a named
+    catalog that is missing, or a folder without one, is an error."""
+    path = Path(source.path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CorpusError(f"{path}: no gettext catalog or folder of catalogs (ingest.sources: {source.name})")
+    by_name: dict[str, Path] = {}
+    for file in sorted((p for p in path.iterdir() if p.suffix in CATALOG_SUFFIXES and p.is_file()),
+                       key=lambda p: (p.stem, CATALOG_SUFFIXES.index(p.suffix))):
+        by_name.setdefault(file.stem, file)
+    if not by_name:
+        raise CorpusError(f"{path}: no gettext catalog here ({', '.join(CATALOG_SUFFIXES)}; ingest.sources: "
+                          f"{source.name})")
+    names = sorted(by_name) if source.catalogs is None else source.catalogs
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise CorpusError(f"{path}: no catalog {', '.join(map(repr, missing))} (found: {', '.join(sorted(by_name))})")
+    return [by_name[name] for name in names]
+
+
+CATALOG_SUFFIXES = (".mo", ".gmo", ".po")
+
+
+def debian_package(path: Path) -> dict[str, str] | None:
+    """The Debian package (and its version) that installed `path`, or None (not from a package, or
+    no dpkg): the ingest report names where each catalog came from, since hosts differ."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-query") is None:
+        return None
+    found = subprocess.run(["dpkg-query", "-S", str(Path(path).resolve())], capture_output=True, text=True)
+    if found.returncode != 0:
+        return None
+    package = found.stdout.split(":", 1)[0].split(",")[0].strip()
+    version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True)
+    return {"package": package, "version": version.stdout.strip()}
+
+
+def read_catalog(path: Path):
+    import polib
+
+    try:
+        return polib.pofile(str(path)) if path.suffix == ".po" else polib.mofile(str(path))
+    except (OSError, ValueError, UnicodeDecodeError, struct.error) as e:  # struct: a truncated .mo
+        raise CorpusError(f"{path}: cannot read as a gettext catalog: {e}") from None
+
+
+def message_pair(src: str, tgt: str, drops: Drops, where: str) -> tuple[str, str] | None:
+    """A message and its translation as a sentence pair, repaired, or None (counted by reason)."""
+    if src.endswith("\n") or tgt.endswith("\n"):
+        src, tgt = src.rstrip("\n"), tgt.rstrip("\n")
+        drops.add("repaired_trailing_newline")
+    for reason, found in (("multi_line", lambda t: "\n" in t), ("format_string", has_placeholder),
+                          ("options_text", _COLUMNS.search)):
+        if found(src) or found(tgt):
+            drops.add(reason, where=where)
+            return None
+    src, tgt, repaired = remove_accelerators(src, tgt)
+    if repaired:
+        drops.add("repaired_accelerator")
+    if "%%" in src or "%%" in tgt:  # a printf message: "%%" prints "%"
+        src, tgt = src.replace("%%", "%"), tgt.replace("%%", "%")
+        drops.add("repaired_percent_escape")
+    return src, tgt
+
+
+def gettext_rows(path: Path, source: GettextSource, drops: Drops, notes: dict) -> Iterator[Row]:
+    """The pairs of one catalog. A message's id hashes its text alone, so every copy of it (in other
+    catalogs, other contexts, other translations) falls in the same split and only the first is
+    kept. Plural messages: the singular pair, and the plural pair where the catalog has two forms
+    (English's own; with more or fewer, which form answers the English plural depends on n)."""
+    catalog = read_catalog(path)
+    plural_forms = re.search(r"nplurals\s*=\s*(\d+)", catalog.metadata.get("Plural-Forms", ""))
+    two_forms = plural_forms is not None and plural_forms.group(1) == "2"
+    read = 0
+    for entry in catalog:
+        if not entry.msgid:  # the header
+            continue
+        where = f"{path}: msgid {entry.msgid[:40]!r}"
+        if entry.obsolete or "fuzzy" in entry.flags:
+            drops.add("obsolete_entry" if entry.obsolete else "fuzzy_translation", where=where)
+            continue
+        if entry.msgid_plural:
+            forms = [(entry.msgid, entry.msgstr_plural.get(0, ""))]
+            if two_forms:
+                forms.append((entry.msgid_plural, entry.msgstr_plural.get(1, "")))
+        else:
+            forms = [(entry.msgid, entry.msgstr)]
+        for src, tgt in forms:
+            if not tgt:
+                drops.add("untranslated", where=where)
+                continue
+            pair = message_pair(src, tgt, drops, where)
+            if pair:
+                read += 1
+                yield f"{source.name}:{hashlib.sha1(normalise(pair[0]).encode()).hexdigest()[:16]}", *pair
+    notes.setdefault("gettext_catalogs", {})[str(path)] = {
+        "language": catalog.metadata.get("Language", ""), "pairs": read, "debian": debian_package(path)}
+
+
 def describe(source: Source) -> str:
     """Where a source reads from, for messages."""
     if isinstance(source, SwordSource):
@@ -287,6 +436,9 @@ def source_parts(source: Source, drops: Drops, notes: dict, batch_rows: int) -> 
         yield table_rows(source, drops, batch_rows)
     elif isinstance(source, TextPairSource):
         yield text_pair_rows(source.src_path, source.tgt_path, drops)
+    elif isinstance(source, GettextSource):
+        for path in gettext_files(source):
+            yield gettext_rows(path, source, drops, notes)
     elif isinstance(source, FolderSource):
         if not Path(source.path).is_dir():
             raise CorpusError(f"{source.path}: not a folder (ingest.sources: {source.name})")
@@ -403,10 +555,16 @@ def clean_chunk(chunk: Chunk, max_words: int, max_ratio: float, folder: str) -> 
 
 
 def first_occurrences(hashes: np.ndarray) -> np.ndarray:
-    """True where a hash is seen for the first time, in order."""
-    _, first = np.unique(hashes, return_index=True)
+    """True where a hash is seen for the first time, in order. Equal hashes share their top 4 bits,
+    so each of the 16 ranges they define is deduplicated alone: np.unique's sort needs several
+    copies of what it sorts, 0.4 GB at once for 10M pairs, here a sixteenth of that."""
+    assert hashes.dtype == np.uint64, hashes.dtype  # signed hashes would fall outside the buckets
     seen_first = np.zeros(len(hashes), dtype=bool)
-    seen_first[first] = True
+    bucket = (hashes >> np.uint64(60)).astype(np.uint8)
+    for b in range(16):
+        rows = np.flatnonzero(bucket == b)
+        _, first = np.unique(hashes[rows], return_index=True)
+        seen_first[rows[first]] = True
     return seen_first
 
 
@@ -476,7 +634,8 @@ def ingest_shards(sources: list[Source], out: str | Path, *, max_words: int, max
     }
 
 
-def ingest(sources: list[Source], max_words: int, max_ratio: float, shard_pairs: int = 25_000,
+def ingest(sources: list[Source], max_words: int, max_ratio: float,
+           shard_pairs: int = IngestParams.model_fields["shard_pairs"].default,
            parallel: ParallelParams | None = None) -> tuple[pd.DataFrame, dict]:
     """ingest_shards into a temporary folder, read back whole: the pairs and the report (for tests
     and small tools; the stage keeps the shards)."""

@@ -31,23 +31,41 @@ def stable_hash(text: str) -> int:
 class TokenStream:
     """The whitespace-split sentences of one column of a parquet file, read a batch of rows at a
     time, so that memory holds one batch, not the corpus. Restartable: gensim iterates it once for
-    the vocabulary and once per epoch. `max_tokens` ends every pass after the same prefix of that
-    many tokens (the last sentence cut short), a budget for corpora larger than word2vec needs."""
+    the vocabulary and once per epoch. With `max_tokens`, a budget for corpora larger than word2vec
+    needs, only every k-th sentence is read, k the smallest that brings the column within the
+    budget (an evenly spread sample: a prefix would leave out the later sources), and every pass
+    ends after the same `max_tokens` tokens (the last sentence cut short). `every` sets k itself."""
 
-    def __init__(self, path: Path, column: str, max_tokens: int | None = None, batch_rows: int = 65536):
+    def __init__(self, path: Path, column: str, max_tokens: int | None = None, every: int | None = None,
+                 batch_rows: int = 65536):
         import pyarrow.parquet as pq
 
         self.path, self.column, self.max_tokens, self.batch_rows = Path(path), column, max_tokens, batch_rows
         names = pq.read_schema(self.path).names
         if column not in names:
             raise ValueError(f"{self.path}: no column {column!r} (columns: {', '.join(names)})")
+        self.every = every or (1 if max_tokens is None else sample_every(self.count_tokens(), max_tokens))
 
-    def __iter__(self):
+    def batches(self):
         import pyarrow.parquet as pq
 
-        budget = self.max_tokens
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=[self.column]):
-            for text in batch.column(0).to_pylist():
+        return (b.column(0) for b in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows,
+                                                                             columns=[self.column]))
+
+    def count_tokens(self) -> int:
+        """The column's tokens, as str.split counts them (in Arrow, without Python strings)."""
+        import pyarrow.compute as pc
+
+        return sum(pc.sum(pc.list_value_length(pc.utf8_split_whitespace(c))).as_py() or 0 for c in self.batches())
+
+    def __iter__(self):
+        import numpy as np
+
+        budget, row = self.max_tokens, 0
+        for column in self.batches():
+            texts = column.take(np.arange(-row % self.every, len(column), self.every)).to_pylist()
+            row += len(column)
+            for text in texts:
                 tokens = text.split()
                 if budget is not None:
                     if budget <= len(tokens):  # budget stays >= 1: it only falls by shorter sentences
@@ -55,6 +73,12 @@ class TokenStream:
                         return
                     budget -= len(tokens)
                 yield tokens
+
+
+def sample_every(total_tokens: int, max_tokens: int | None) -> int:
+    """Which sentences a budget of `max_tokens` reads, of a column of `total_tokens`: every k-th,
+    with k the smallest that brings the sample within the budget (1 where the whole fits)."""
+    return 1 if max_tokens is None else max(1, -(-total_tokens // max_tokens))
 
 
 def train_word2vec(sentences, cfg: EmbedParams, seed: int):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import sacrebleu
 
 from pipeline import storage
-from pipeline.config import EvaluateParams
+from pipeline.config import METRICS, EvaluateParams
 from pipeline.decode import Translator
+from pipeline.metrics import corpus_score
 from pipeline.text import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -19,16 +19,12 @@ log = logging.getLogger(__name__)
 LENGTH_BINS = [0, 10, 20, 30, 40, 1000]
 
 
-def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    refs = [references]
-    return {
-        "bleu": round(sacrebleu.corpus_bleu(hypotheses, refs).score, 2),
-        "chrf": round(sacrebleu.corpus_chrf(hypotheses, refs).score, 2),
-        "ter": round(sacrebleu.corpus_ter(hypotheses, refs).score, 2),
-    }
+def score(hypotheses: list[str], references: list[str], lang: str) -> dict[str, float]:
+    """BLEU, chrF and TER of output in language `lang`."""
+    return {name: round(corpus_score(name, hypotheses, references, lang), 2) for name in METRICS}
 
 
-def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str], tokenizer: Tokenizer) -> pd.DataFrame:
+def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str], tokenizer: Tokenizer, lang: str) -> pd.DataFrame:
     """Test BLEU by source length in Moses words (not subword pieces, which vary with the model)."""
     lengths = pd.Series([len(tokenizer.words(text)) for text in frame["src"]], index=frame.index)
     bins = pd.cut(lengths, LENGTH_BINS, right=False,
@@ -38,7 +34,7 @@ def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str], tokenizer: Tokeni
         hyps = [hypotheses[i] for i in index]
         refs = frame.loc[index, "tgt"].tolist()
         rows.append({"source_length": str(label), "sentences": len(index),
-                     "bleu": round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)})
+                     "bleu": round(corpus_score("bleu", hyps, refs, lang), 2)})
     return pd.DataFrame(rows)
 
 
@@ -94,10 +90,11 @@ def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, re
     greedy_text = detokenize_all(translator, translate_split(translator, test, cfg, beam_size=1))
     beam = translate_split(translator, test, cfg)
     beam_text = detokenize_all(translator, beam)
-    metrics = {**score(beam_text, references), "greedy": score(greedy_text, references),
+    lang = translator.tgt_tok.lang
+    metrics = {**score(beam_text, references, lang), "greedy": score(greedy_text, references, lang),
                "beam_size": cfg.beam_size, "sentences": len(references)}
 
-    by_length = bleu_by_length(test.reset_index(drop=True), beam_text, translator.src_tok)
+    by_length = bleu_by_length(test.reset_index(drop=True), beam_text, translator.src_tok, lang)
     with storage.atomic_path(reports / "bleu_by_length.csv") as tmp:
         by_length.to_csv(tmp, index=False)
 

@@ -65,6 +65,15 @@ def local_workers(cfg: ParallelParams) -> int:
 def shard_pool(cfg: ParallelParams, tasks: int | None = None) -> Iterator[InlinePool | DaskPool]:
     """A pool for `tasks` tasks (None: unknown, maybe many). A named scheduler is always used; a
     local cluster only where there are several workers and more than one task to share."""
+    import dask
+
+    # A chunk of rows travels in its task (about 30 MB for 25,000 long pairs), where the scheduler
+    # can run it again if a worker dies; Dask would warn of a "large graph" for every one.
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):
+        yield from _pool(cfg, tasks)
+
+
+def _pool(cfg: ParallelParams, tasks: int | None) -> Iterator[InlinePool | DaskPool]:
     address = scheduler_address(cfg)
     if address:
         from distributed import Client

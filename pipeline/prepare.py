@@ -167,7 +167,9 @@ def piece_part(path: str, tokenizers: tuple[Tokenizer, Tokenizer], count: bool) 
     their token counts."""
     frame = pd.read_parquet(path)
     for side, tokenizer in zip(SIDES, tokenizers):
-        frame[f"{side}_tokens"] = [" ".join(tokenizer.pieces(s.split())) for s in frame[f"{side}_tokens"]]
+        # dtype: an empty part's column must stay text, or its parquet schema differs from the others'.
+        frame[f"{side}_tokens"] = pd.Series([" ".join(tokenizer.pieces(s.split())) for s in frame[f"{side}_tokens"]],
+                                            index=frame.index, dtype="str")
     write_part(frame, Path(path))
     return token_counts(frame) if count else None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import storage
+from pipeline import metrics, storage
 from pipeline.storage import file_md5
 from pipeline.config import Params
 from pipeline.tracking import dvc_hashes, experiment_name, git_commit, mlflow_setup, split_dataset, workspace_root
@@ -41,21 +41,15 @@ def test_set_sha256(frame: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
-def sacrebleu_metric(name: str):
-    import sacrebleu.metrics as metrics
-
-    return {"bleu": metrics.BLEU, "chrf": metrics.CHRF, "ter": metrics.TER}[name]()
-
-
 def paired_bootstrap(metric_name: str, new: list[str], old: list[str], references: list[str], samples: int,
-                     seed: int) -> dict:
+                     seed: int, lang: str) -> dict:
     """Both systems' scores, the delta (new - old) with its 95% interval, and the p-value of
     sacrebleu's paired bootstrap test (Koehn 2004), from one set of resamples of the sentences.
 
     The p-value counts resampled differences (centred on zero: the null hypothesis) at least as
     large as the observed one; sacrebleu counts strictly larger ones, which gives two identical
     systems p = 1/(samples + 1), "significant"."""
-    metric = sacrebleu_metric(metric_name)
+    metric = metrics.metric(metric_name, lang)
     stats = [np.array(metric._extract_corpus_statistics(h, [references]), dtype=np.float64) for h in (new, old)]
     new_score, old_score = (metric._compute_score_from_stats(s.sum(0)).score for s in stats)
     resamples = np.random.default_rng(seed).choice(len(references), size=(samples, len(references)))
@@ -225,11 +219,12 @@ def compare_with_champion(params: Params, model_file: Path, champion, test: pd.D
     references = test["tgt"].tolist()
     new = test_translations(params, model_file, test)
     if champion is None:
-        return round(sacrebleu_metric(cfg.metric).corpus_score(new, [references]).score, 2), None
+        return round(metrics.corpus_score(cfg.metric, new, references, params.prepare.tgt_lang), 2), None
     with tempfile.TemporaryDirectory() as tmp:
         champion_file = model_checkpoint(f"models:/{cfg.model_name}/{champion.version}", Path(tmp))
         old = test_translations(params, champion_file, test)
-    comparison = paired_bootstrap(cfg.metric, new, old, references, cfg.bootstrap_samples, params.seed)
+    comparison = paired_bootstrap(cfg.metric, new, old, references, cfg.bootstrap_samples, params.seed,
+                                  params.prepare.tgt_lang)
     return comparison["new"], comparison
 
 

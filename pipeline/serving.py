@@ -82,31 +82,37 @@ def _kind_of(value: Any) -> str:
 
 
 @functools.cache
-def _segmenter():
+def _segmenter(lang: str):
     import pysbd
+    from pysbd.languages import LANGUAGE_CODES
 
-    return pysbd.Segmenter(language="en", clean=False)
+    from pipeline.metrics import base_language
+
+    base = base_language(lang)
+    # pysbd knows 23 languages; elsewhere English's rules still split at ". ", "? " and "! ".
+    return pysbd.Segmenter(language=base if base in LANGUAGE_CODES else "en", clean=False)
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of an English paragraph, by pysbd's rules (abbreviations, numbers, quotes)."""
-    return [s.strip() for s in _segmenter().segment(text) if s.strip()]
+def split_sentences(text: str, lang: str = "en") -> list[str]:
+    """Sentences of a paragraph in `lang` (the source language), by pysbd's rules for it
+    (abbreviations, numbers, quotes)."""
+    return [s.strip() for s in _segmenter(lang).segment(text) if s.strip()]
 
 
 def plan_lines(texts: list[str], tokenize, limits: Limits, paragraphs: bool = False,
-               length=len) -> list[list[list[str]]]:
+               length=len, lang: str = "en") -> list[list[list[str]]]:
     """For each text, the cased token lists of the sentences to decode ([] for a blank line).
     `paragraphs` splits every text into sentences; otherwise only a text over the token limit
     is split. A sentence still over the limit is a RequestError naming it. `length` counts a
     token list as the model will see it (its subword pieces, with subwords)."""
-    return [_sentences(text, i, tokenize, limits, paragraphs, length) for i, text in enumerate(texts)]
+    return [_sentences(text, i, tokenize, limits, paragraphs, length, lang) for i, text in enumerate(texts)]
 
 
 def plan_request(texts: list[str], tokenize, limits: Limits, paragraphs: bool = False,
-                 length=len) -> list[list[list[str]]]:
+                 length=len, lang: str = "en") -> list[list[list[str]]]:
     """plan_lines for one request, which also holds at most `max_sentences` sentences."""
     _check_size(texts, limits)
-    plan = plan_lines(texts, tokenize, limits, paragraphs, length)
+    plan = plan_lines(texts, tokenize, limits, paragraphs, length, lang)
     total = sum(max(len(sentences), 1) for sentences in plan)
     if total > limits.max_sentences:
         raise RequestError(f"{total} sentences in one request (after sentence splitting); the limit is "
@@ -126,12 +132,13 @@ def _check_size(texts: list[str], limits: Limits) -> None:
                            f"{limits.max_sentence_tokens} tokens fit (about {budget} characters)")
 
 
-def _sentences(text: str, index: int, tokenize, limits: Limits, paragraphs: bool, length) -> list[list[str]]:
+def _sentences(text: str, index: int, tokenize, limits: Limits, paragraphs: bool, length,
+               lang: str) -> list[list[str]]:
     if not text.strip():
         return []
     whole = tokenize(text)
     split = paragraphs or length(whole) > limits.max_sentence_tokens
-    sentences = [tokenize(s) for s in split_sentences(text)] if split else [whole]
+    sentences = [tokenize(s) for s in split_sentences(text, lang)] if split else [whole]
     for tokens in sentences:
         if length(tokens) > limits.max_sentence_tokens:
             raise RequestError(f"a sentence of input {index + 1} has {length(tokens)} tokens; the limit is "
@@ -177,10 +184,15 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         except RequestError as e:  # the REST server answers 400 with this line, no stack trace
             raise MlflowException.invalid_parameter_value(str(e)) from None
 
+    def _plan(self, planner, texts: list, paragraphs: bool) -> list[list[list[str]]]:
+        """plan_request or plan_lines with this model's tokeniser, limits and source language."""
+        return planner(check_texts(texts), self._tokenize, self.limits, paragraphs, self._length,
+                       self.translator.src_tok.lang)
+
     def translate(self, texts: list, beam_size: int | None = None, paragraphs: bool = False) -> list[str]:
         """One request: every limit applies."""
         beam = self._beam(beam_size)
-        plan = plan_request(check_texts(texts), self._tokenize, self.limits, paragraphs, self._length)
+        plan = self._plan(plan_request, texts, paragraphs)
         return _rejoin(plan, [t for t, _, _ in self._decode([s for line in plan for s in line], beam)])
 
     def translate_document(self, lines: list[str], beam_size: int | None = None, paragraphs: bool = False,
@@ -190,7 +202,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         from tqdm import tqdm
 
         beam = self._beam(beam_size)
-        plan = plan_lines(check_texts(lines), self._tokenize, self.limits, paragraphs, self._length)
+        plan = self._plan(plan_lines, lines, paragraphs)
         sentences = [s for line in plan for s in line]
         step, translations = self.limits.max_sentences, []
         with tqdm(total=len(sentences), unit="sentence", disable=not progress) as bar:
@@ -202,7 +214,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
     def translate_with_attention(self, text: str, beam_size: int | None = None, paragraphs: bool = False):
         """(source tokens, output words, attention matrix, translation) of a text decoded as one unit."""
         beam = self._beam(beam_size)
-        [sentences] = plan_request(check_texts([text]), self._tokenize, self.limits, paragraphs, self._length)
+        [sentences] = self._plan(plan_request, [text], paragraphs)
         if len(sentences) != 1:
             raise RequestError(f"the attention heatmap needs exactly one sentence; this text has {len(sentences)}")
         [(translation, words, attention)] = self._decode(sentences, beam)

@@ -57,9 +57,9 @@ def embed(params: Params) -> dict:
                                ("tgt", "tgt_tokens", params.prepare.tgt_lang)):
         sentences = TokenStream(split_path("train"), column, params.embed.max_tokens)
         model = train_word2vec(sentences, params.embed, params.seed)
-        log.info("word2vec (%s) on %d %s sentences, %d words, %d in the vocabulary",
-                 "skip-gram" if params.embed.sg else "CBOW", model.corpus_count, lang, model.corpus_total_words,
-                 len(model.wv))
+        log.info("word2vec (%s) on %d %s sentences (every %s of the training split), %d words, %d in the "
+                 "vocabulary", "skip-gram" if params.embed.sg else "CBOW", model.corpus_count, lang,
+                 "one" if sentences.every == 1 else f"{sentences.every}th", model.corpus_total_words, len(model.wv))
         save_vectors(storage.EMBEDDINGS / f"{side}.w2v", model.wv)
         report[side] = evaluate_vectors(model.wv, lang)
         plot_projection(model.wv, storage.PLOTS / f"embeddings_{side}.png", f"word2vec ({lang}): PCA of frequent words")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sacrebleu
 import torch
 
 from pipeline.data import ParallelData
 from pipeline.decode import Translator
 from pipeline.loss import sequence_loss
+from pipeline.metrics import corpus_score
 from pipeline.model import Seq2Seq
 from pipeline.text import Tokenizer
 
@@ -48,4 +48,4 @@ def validation_bleu(translator: Translator, valid: ValidationSet) -> float:
     translator.model.eval()
     outputs = translator.translate_tokens(valid.sources, beam_size=1, originals=valid.originals)
     hypotheses = [translator.tgt_tok.detokenize(words) for words, _ in outputs]
-    return sacrebleu.corpus_bleu(hypotheses, [valid.references]).score
+    return corpus_score("bleu", hypotheses, valid.references, translator.tgt_tok.lang)

@@ -129,3 +129,28 @@ def test_overrides_of_every_type_reach_params_yaml_through_dvcs_set_param_gramma
     for key, value in overrides.items():
         section, leaf = key.split(".")
         assert written[section][leaf] == value
+
+
+@pytest.mark.parametrize("register, prepare, name", [
+    ({}, {}, "vamos-en-es"),
+    ({"model_name": None}, {"src_lang": "es", "tgt_lang": "en"}, "vamos-es-en"),
+    (None, {"tgt_lang": "zh"}, "vamos-en-zh"),
+    ({"model_name": "bible-translator"}, {"src_lang": "es", "tgt_lang": "en"}, "bible-translator"),
+])
+def test_the_registered_model_is_named_after_its_pair_unless_named(tmp_path, register, prepare, name):
+    raw = {"prepare": prepare} | ({} if register is None else {"register": register})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert load_params(tmp_path / "params.yaml").registry.model_name == name
+
+
+def test_an_override_of_the_pair_renames_a_model_the_file_does_not_name(tmp_path):
+    (tmp_path / "params.yaml").write_text("register: {model_name: null}\n")
+    assert params_with(tmp_path / "params.yaml", {"prepare.tgt_lang": "pt"}).registry.model_name == "vamos-en-pt"
+    (tmp_path / "params.yaml").write_text("register: {model_name: mine}\n")
+    assert params_with(tmp_path / "params.yaml", {"prepare.tgt_lang": "pt"}).registry.model_name == "mine"
+
+
+def test_a_prepare_that_is_not_a_section_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text("prepare: [en, es]\n")
+    with pytest.raises(ParamsError, match="prepare"):
+        load_params(tmp_path / "params.yaml")

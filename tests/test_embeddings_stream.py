@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import EmbedParams
-from pipeline.embeddings import TokenStream, stable_hash, train_word2vec
+from pipeline.embeddings import TokenStream, sample_every, stable_hash, train_word2vec
 from tests.conftest import tiny_pairs
 
 SMALL = dict(vector_size=16, epochs=3, min_count=1)
@@ -34,14 +34,38 @@ def test_stream_yields_the_sentences_in_order_and_restarts(train_file):
 
 @pytest.mark.parametrize("budget", [1, 9, 10, 1001])
 def test_max_tokens_stops_every_pass_at_the_budget(train_file, budget):
-    stream = TokenStream(train_file, "src_tokens", max_tokens=budget, batch_rows=100)
+    stream = TokenStream(train_file, "src_tokens", max_tokens=budget, every=1, batch_rows=100)
     flat = [token for sentence in sentences_of(train_file, "src_tokens") for token in sentence]
     for _ in range(2):
         assert [token for sentence in stream for token in sentence] == flat[:budget]
 
 
+def test_a_budget_samples_every_kth_sentence_within_it(train_file):
+    sentences = sentences_of(train_file, "src_tokens")
+    total = sum(map(len, sentences))
+    assert TokenStream(train_file, "src_tokens").count_tokens() == total
+    stream = TokenStream(train_file, "src_tokens", max_tokens=total // 3, batch_rows=100)
+    assert stream.every == 3 == sample_every(total, total // 3)
+    assert [t for s in stream for t in s] == [t for s in sentences[::3] for t in s][:total // 3]
+
+
 def test_a_budget_beyond_the_corpus_yields_it_all(train_file):
     assert list(TokenStream(train_file, "src_tokens", max_tokens=10**9)) == sentences_of(train_file, "src_tokens")
+
+
+@pytest.mark.parametrize("every", [1, 3, 7, 100])
+def test_every_kth_sentence_across_batches(train_file, every):
+    """Batches of 100 rows: the sample's stride runs on across batch boundaries."""
+    expected = sentences_of(train_file, "tgt_tokens")[::every]
+    stream = TokenStream(train_file, "tgt_tokens", every=every, batch_rows=100)
+    assert list(stream) == expected
+    assert list(stream) == expected
+
+
+@pytest.mark.parametrize("total, budget, every", [(10, None, 1), (10, 10, 1), (10, 100, 1), (11, 10, 2),
+                                                   (30, 10, 3), (31, 10, 4)])
+def test_sample_every_brings_the_sample_within_the_budget(total, budget, every):
+    assert sample_every(total, budget) == every
 
 
 def test_a_missing_column_names_the_file(train_file):

@@ -3,12 +3,13 @@ into chunks and wherever the chunks are cleaned (inline, a local cluster, a real
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from dask_cluster import dask_scheduler  # noqa: F401
 from pipeline.config import FolderSource, ParallelParams, TableSource, TextPairSource, TsvSource, load_params
-from pipeline.corpus import ingest, ingest_shards
+from pipeline.corpus import first_occurrences, ingest, ingest_shards
 from pipeline.stages import ingest as ingest_stage
 from pipeline.storage import raw_shards
 
@@ -108,3 +109,15 @@ def test_a_local_cluster_writes_the_same_bytes(inline_run, tmp_path, monkeypatch
 def test_a_dask_cluster_writes_the_same_bytes(inline_run, dask_scheduler, tmp_path, monkeypatch):  # noqa: F811
     corpus, inline = inline_run
     assert run_ingest_stage(tmp_path / "p", corpus, monkeypatch, scheduler=dask_scheduler) == inline
+
+
+def test_first_occurrences_by_bucket_equal_one_sort():
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 2**64, size=5000, dtype=np.uint64)
+    hashes = distinct[rng.integers(0, len(distinct), size=20000)]  # many repeats, in every bucket
+    _, first = np.unique(hashes, return_index=True)
+    expected = np.zeros(len(hashes), dtype=bool)
+    expected[first] = True
+    assert np.array_equal(first_occurrences(hashes), expected)
+    assert len(np.unique(hashes >> np.uint64(60))) == 16
+    assert not first_occurrences(np.empty(0, np.uint64)).any()

@@ -90,6 +90,18 @@ def test_several_shards_give_the_outputs_of_one(tmp_path, monkeypatch):
     assert sum(len(f) for f in frames(tmp_path / "one").values()) == len(pairs)
 
 
+def test_subwords_with_shards_whose_held_out_parts_are_empty(tmp_path, monkeypatch):
+    """Shards of one pair: most have no valid or test pair, so their parts are empty frames; their
+    piece columns must stay text, or the parts' schemas disagree and the split cannot be written."""
+    pairs = corpus(60)
+    subwords = {"prepare.subwords": {"model": "unigram", "vocab_size": 100, "sample_sentences": 1000, "threads": 1}}
+    one = run_prepare(tmp_path / "one", monkeypatch, [pairs], **subwords)
+    many = run_prepare(tmp_path / "many", monkeypatch, cut(pairs, 60), **subwords)
+    assert min(one["pairs"]["valid"], one["pairs"]["test"]) > 0
+    assert without_shard_counts(one) == without_shard_counts(many)
+    assert prepared_files(tmp_path / "one") == prepared_files(tmp_path / "many")
+
+
 def test_token_ids_are_the_vocabularys_encoding_and_the_manifest_their_md5s(tmp_path, monkeypatch):
     run_prepare(tmp_path, monkeypatch, cut(corpus(200), 2), **{"prepare.vocab.min_freq": 2})
     prepared = tmp_path / storage.PREPARED

@@ -52,11 +52,11 @@ def test_paired_bootstrap_tells_noise_from_a_real_gain():
     references = [f"el perro {i} duerme en la casa" for i in range(60)]
     good = list(references)
     bad = [f"un gato {i} come" for i in range(60)]
-    same = paired_bootstrap("bleu", good, good, references, 300, seed=1)
+    same = paired_bootstrap("bleu", good, good, references, 300, seed=1, lang="es")
     assert same["delta"] == 0 and same["p_value"] > 0.5 and same["delta_95ci"] == [0.0, 0.0]
-    gain = paired_bootstrap("bleu", good, bad, references, 300, seed=1)
+    gain = paired_bootstrap("bleu", good, bad, references, 300, seed=1, lang="es")
     assert gain["delta"] > 50 and gain["p_value"] < 0.05 and gain["delta_95ci"][0] > 0
-    assert paired_bootstrap("bleu", good, bad, references, 300, seed=1) == gain  # seeded
+    assert paired_bootstrap("bleu", good, bad, references, 300, seed=1, lang="es") == gain  # seeded
 
 
 def any_gain_promotes(params: Params) -> Params:
@@ -220,3 +220,23 @@ def test_two_registrations_at_once_make_one_version(trained_copy):
     key = client.get_model_version(NAME, str(first)).tags["model_key"]
     keyed = [int(v.version) for v in client.search_model_versions(f"name='{NAME}'") if v.tags.get("model_key") == key]
     assert first == second and keyed == [first]
+
+
+def test_two_pairs_live_side_by_side_each_with_its_own_champion(trained_copy):
+    """The same store holds a second pair's model (named after the pair): its first version is its
+    own champion, compared with nothing of the first pair's, and the first pair's champion stays."""
+    params, run_id = load_params(), read_json(".vamos/run.json")["run_id"]
+    test = pd.read_parquet("data/prepared/test.parquet")
+    raw = params.model_dump(by_alias=True)
+    second = Params.model_validate({**raw, "prepare": {**raw["prepare"], "tgt_lang": "pt"},
+                                    "register": {**raw["register"], "model_name": None}})
+    assert second.registry.model_name == "vamos-en-pt"
+    first_record = register(second, MODEL_FILE, run_id, test)
+    assert (first_record["model"], first_record["version"], first_record["alias"]) == ("vamos-en-pt", 1, CHAMPION)
+    assert first_record["compared_with"] is None
+    worse = register(second, broken_model(trained_copy), run_id, test)
+    assert (worse["version"], worse["compared_with"], worse["alias"]) == (2, 1, CHALLENGER)
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias(NAME, CHAMPION).version) == 1
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+    assert int(client.get_model_version_by_alias("vamos-en-pt", CHAMPION).version) == 1

@@ -45,6 +45,15 @@ def test_non_strings_are_refused_by_position(value, named):
         check_texts(["fine", value])
 
 
+def test_sentences_split_by_the_source_languages_rules():
+    """A Spanish abbreviation (Sra.) ends no sentence by Spanish rules, one by English rules; a
+    language pysbd lacks gets English's rules."""
+    text = "La Sra. López llegó. Luego se fue."
+    assert split_sentences(text, "es") == split_sentences(text, "es_ES") == ["La Sra. López llegó.", "Luego se fue."]
+    assert split_sentences(text, "en") == ["La Sra.", "López llegó.", "Luego se fue."]
+    assert split_sentences("One. Two.", "sw") == ["One.", "Two."]
+
+
 def test_a_paragraph_splits_into_sentences_around_abbreviations():
     text = "Mr. Smith went to Washington D.C. on Jan. 5. He said: \"Let's go!\" Then he left."
     assert split_sentences(text) == ["Mr. Smith went to Washington D.C. on Jan. 5.", "He said: \"Let's go!\"",

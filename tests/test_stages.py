@@ -102,7 +102,7 @@ def test_bleu_by_length_counts_moses_words_not_the_models_tokens():
     frame = pd.DataFrame({"src": ["Go.", "a b c d e f g h i j k l", "Let's go, now!"],
                           "src_tokens": ["g@@ o .", "a", "let 's go , now !"],  # pieces would differ
                           "tgt": ["Ve a la casa.", "a b c d e f g h i j k l", "¡Vamos ya, ahora mismo!"]})
-    table = bleu_by_length(frame, frame["tgt"].tolist(), Tokenizer("en", True))
+    table = bleu_by_length(frame, frame["tgt"].tolist(), Tokenizer("en", True), "es")
     assert table.to_dict("list") == {"source_length": ["0-9", "10-19"], "sentences": [2, 1],
                                      "bleu": [100.0, 100.0]}
 

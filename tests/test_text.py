@@ -1,4 +1,5 @@
 from hypothesis import given, strategies as st
+import pytest
 
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK_ID, Tokenizer, Vocab
 
@@ -38,3 +39,22 @@ def test_decode_stops_at_eos_and_skips_padding():
 def test_vocab_round_trip(words):
     vocab = Vocab.build([words], min_freq=1, max_size=1000)
     assert vocab.decode(vocab.encode(words)) == [w for w in words]
+
+
+MIXED = ["Mr. Smith paid $3.50 for U.S. goods -- isn't it 'odd'?", "¿Dónde está el Sr. García? ¡Aquí!",
+         "L'homme a dit: « c'est l'été ».", "中.国. 好", "東京.大阪. です", "한.국. 가", "ÉCOLE. école.",
+         "", "e.g. 3.14 ... etc."]
+
+
+@pytest.mark.parametrize("lang", ["en", "es", "fr", "zh", "ja", "ko"])
+def test_faster_moses_gives_sacremoses_own_tokens(lang):
+    """_Moses only caches sacremoses' character sets: every token must be the library's own."""
+    from sacremoses import MosesTokenizer
+
+    from pipeline.text import _Moses
+
+    ours, theirs = _Moses(lang=lang), MosesTokenizer(lang=lang)
+    for text in MIXED:
+        for aggressive in (False, True):
+            assert ours.tokenize(text, escape=False, aggressive_dash_splits=aggressive) == \
+                theirs.tokenize(text, escape=False, aggressive_dash_splits=aggressive), (lang, text)
