@@ -66,6 +66,7 @@ def shard_pool(cfg: ParallelParams, tasks: int | None = None) -> Iterator[Inline
     """A pool for `tasks` tasks (None: unknown, maybe many). A named scheduler is always used; a
     local cluster only where there are several workers and more than one task to share."""
     import dask
+    import distributed  # noqa: F401  its config defaults first: leaving dask.config.set would drop them
 
     # A chunk of rows travels in its task (about 30 MB for 25,000 long pairs), where the scheduler
     # can run it again if a worker dies; Dask would warn of a "large graph" for every one.
