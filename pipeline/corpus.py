@@ -249,8 +249,7 @@ def table_rows(source: TableSource, drops: Drops, batch_rows: int) -> Iterator[R
         raise CorpusError(f"{path}: not found")
     try:
         if path.suffix == ".parquet":
-            parquet = pq.ParquetFile(path)
-            names, batches = parquet.schema_arrow.names, None
+            names, batches = pq.read_schema(path).names, None
         else:
             names, batches = csv_batches(path, drops)
         wanted = [c for c in (source.src_column, source.tgt_column, source.id_column) if c]
@@ -258,7 +257,7 @@ def table_rows(source: TableSource, drops: Drops, batch_rows: int) -> Iterator[R
         if missing:
             raise CorpusError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(names)})")
         if batches is None:
-            batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted)
+            batches = storage.parquet_batches(path, wanted, batch_rows)
         for batch in batches:
             src, tgt = (map(as_text, batch.column(c).to_pylist()) for c in (source.src_column, source.tgt_column))
             ids = ((f"{source.name}:{i}" for i in batch.column(source.id_column).to_pylist())

@@ -15,7 +15,6 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage, token_ids
@@ -223,7 +222,7 @@ class ParallelData:
             picked = self.frame.iloc[rows]
             return picked["src_tokens"].tolist(), picked["tgt_tokens"].tolist()
         src, tgt, seen = [], [], 0
-        for record_batch in pq.ParquetFile(self.text_file).iter_batches(columns=["src_tokens", "tgt_tokens"]):
+        for record_batch in storage.parquet_batches(self.text_file, ["src_tokens", "tgt_tokens"]):
             lo, hi = np.searchsorted(rows, [seen, seen + record_batch.num_rows])
             wanted = (rows[lo:hi] - seen).tolist()
             if wanted:

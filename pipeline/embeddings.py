@@ -47,10 +47,7 @@ class TokenStream:
         self.every = every or (1 if max_tokens is None else sample_every(self.count_tokens(), max_tokens))
 
     def batches(self):
-        import pyarrow.parquet as pq
-
-        return (b.column(0) for b in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows,
-                                                                             columns=[self.column]))
+        return (b.column(0) for b in storage.parquet_batches(self.path, [self.column], self.batch_rows))
 
     def count_tokens(self) -> int:
         """The column's tokens, as str.split counts them (in Arrow, without Python strings)."""

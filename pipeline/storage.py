@@ -164,6 +164,16 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def parquet_batches(path: str | Path, columns: list[str], batch_rows: int = 65_536) -> Iterator:
+    """A parquet file's record batches of `columns`, in bounded memory: with pyarrow's default
+    pre-buffering, iterating a whole file keeps what it read (1,670 MB for a 10M-pair
+    train.parquet's one column, 281 MB without: docs/benchmarks.md)."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path, pre_buffer=False) as parquet:
+        yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+
+
 def file_md5(path: str | Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:

@@ -44,3 +44,16 @@ def test_the_file_then_its_directory_are_fsynced_around_the_rename(tmp_path, mon
     (file_path, renamed_yet), (dir_path, renamed) = synced
     assert file_path.startswith(str(tmp_path / ".out.txt.")) and not renamed_yet
     assert dir_path == str(tmp_path) and renamed
+
+
+def test_parquet_batches_read_every_row_of_the_columns_in_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"a": list(range(1000)), "b": [f"w{i}" for i in range(1000)], "c": [0.5] * 1000})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=300)  # batches cross row groups
+    batches = list(storage.parquet_batches(path, ["b", "a"], batch_rows=128))
+    assert all(batch.schema.names == ["b", "a"] for batch in batches)
+    assert max(len(batch) for batch in batches) <= 128
+    assert pa.Table.from_batches(batches).to_pydict() == table.select(["b", "a"]).to_pydict()
