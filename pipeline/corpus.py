@@ -553,33 +553,43 @@ def clean_chunk(chunk: Chunk, max_words: int, max_ratio: float, folder: str) -> 
     return CleanedChunk(path, drops.counts, hash64(pairs["src"] + "\t" + pairs["tgt"]), hash64(pairs["id"]))
 
 
-def first_occurrences(hashes: np.ndarray) -> np.ndarray:
-    """True where a hash is seen for the first time, in order. Equal hashes share their top 4 bits,
-    so each of the 16 ranges they define is deduplicated alone: np.unique's sort needs several
-    copies of what it sorts, 0.4 GB at once for 10M pairs, here a sixteenth of that."""
+def first_occurrences(hashes: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
+    """True where a hash is seen for the first time, in order; with `among` (a mask), only rows it
+    marks take part. Equal hashes share their top 4 bits, so each of the 16 ranges they define is
+    deduplicated alone: np.unique's sort needs several copies of what it sorts, 0.4 GB at once for
+    10M pairs, here a sixteenth of that."""
     assert hashes.dtype == np.uint64, hashes.dtype  # signed hashes would fall outside the buckets
     seen_first = np.zeros(len(hashes), dtype=bool)
     bucket = (hashes >> np.uint64(60)).astype(np.uint8)
     for b in range(16):
-        rows = np.flatnonzero(bucket == b)
+        in_bucket = bucket == b
+        rows = np.flatnonzero(in_bucket if among is None else in_bucket & among)
         _, first = np.unique(hashes[rows], return_index=True)
         seen_first[rows[first]] = True
     return seen_first
 
 
+def take_hashes(chunks: list[CleanedChunk], field: str) -> np.ndarray:
+    """One kind of hash of every chunk, concatenated; the chunks let go of theirs, which would
+    otherwise double the parent's largest arrays (8 bytes a pair each)."""
+    hashes = np.concatenate([getattr(c, field) for c in chunks] or [np.empty(0, np.uint64)])
+    for chunk in chunks:
+        setattr(chunk, field, None)
+    return hashes
+
+
 def keep_first_pairs(chunks: list[CleanedChunk], drops: Drops, no_pairs_left: Callable[[], None]) -> list[np.ndarray]:
     """Which pairs of each chunk to keep: the first of each text over the whole corpus (the rest count
-    as `duplicate`), then among those the first of each id (the rest: `duplicate_id`)."""
+    as `duplicate`), then among those the first of each id (the rest: `duplicate_id`). At most one
+    kind of hash of the whole corpus is held at a time."""
     sizes = [len(c.pair_hashes) for c in chunks]
-    keep = first_occurrences(np.concatenate([c.pair_hashes for c in chunks] or [np.empty(0, np.uint64)]))
+    keep = first_occurrences(take_hashes(chunks, "pair_hashes"))
     drops.add("duplicate", int((~keep).sum()))
     if not keep.any():
         no_pairs_left()
-    survivors = np.flatnonzero(keep)
-    id_hashes = np.concatenate([c.id_hashes for c in chunks])[survivors]
-    first_id = first_occurrences(id_hashes)
-    drops.add("duplicate_id", int((~first_id).sum()))
-    keep[survivors[~first_id]] = False
+    first_id = first_occurrences(take_hashes(chunks, "id_hashes"), among=keep)
+    drops.add("duplicate_id", int((keep & ~first_id).sum()))
+    keep &= first_id
     return np.split(keep, np.cumsum(sizes)[:-1])
 
 
