@@ -65,18 +65,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     would hide outputs from teammates and service accounts), and reaches the disk before the
     rename, and the rename before we return: a crash leaves the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
+    with naming_the_output(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~current_umask())
+            fsync(tmp)
+            os.replace(tmp, path)
+            fsync(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def naming_the_output(path: Path) -> Iterator[None]:
+    """An OSError while making `path` that does not name it (a full disk's write error names no
+    file; pyarrow's names none either) is raised again naming it, so the user knows which output
+    and which filesystem failed."""
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())
-        fsync(tmp)
-        os.replace(tmp, path)
-        fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+        yield
+    except OSError as error:
+        if str(path) in str(error):
+            raise
+        message = f"cannot write {path}: {error.strerror or error}"
+        raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
 
 
 def remove_leftovers(path: str | Path) -> None:
@@ -104,7 +119,7 @@ def temporary_folder_beside(path: str | Path, purpose: str) -> Iterator[Path]:
 @contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield a new folder beside `path` to fill; it replaces `path` whole only if the block succeeds."""
-    with temporary_folder_beside(path, "new") as folder:
+    with naming_the_output(Path(path)), temporary_folder_beside(path, "new") as folder:
         yield folder
         replace_folder(folder, Path(path))
 

@@ -57,3 +57,34 @@ def test_parquet_batches_read_every_row_of_the_columns_in_order(tmp_path):
     assert all(batch.schema.names == ["b", "a"] for batch in batches)
     assert max(len(batch) for batch in batches) <= 128
     assert pa.Table.from_batches(batches).to_pydict() == table.select(["b", "a"]).to_pydict()
+
+
+FULL_DISK = """
+import resource, signal, sys
+import pandas as pd
+from pipeline import storage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+write = {"json": lambda p: storage.write_json(p, ["word"] * 100_000),
+         "parquet": lambda p: storage.write_parquet(p, pd.DataFrame({"src": [f"sentence {i}" for i in range(100_000)]}))}
+try:
+    write[sys.argv[1]](sys.argv[2])
+except OSError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet"])
+def test_a_write_that_the_filesystem_refuses_names_the_output_and_keeps_the_old_one(tmp_path, kind):
+    """A real write fault (the file size limit, which fails writes as a full disk does, with an
+    error that names no file): the message names the output, the old file is intact, no temp."""
+    import subprocess
+    import sys
+
+    target = tmp_path / f"out.{kind}"
+    target.write_text("old")
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, kind, str(target)], capture_output=True, text=True,
+                            timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert f"cannot write {target}" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
