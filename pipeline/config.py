@@ -112,8 +112,8 @@ class SplitParams(Strict):
 
     valid: float = Field(0.01, gt=0, lt=0.5)
     test: float = Field(0.01, gt=0, lt=0.5)
-    max_valid: int = Field(2000, ge=1, le=1_000_000)
-    max_test: int = Field(2000, ge=1, le=1_000_000)
+    max_valid: int = Field(1500, ge=1, le=1_000_000)
+    max_test: int = Field(1500, ge=1, le=1_000_000)
 
 
 class VocabParams(Strict):
