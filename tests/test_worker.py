@@ -7,12 +7,15 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -54,11 +57,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def offline_env(home: Path, api_url: str) -> dict[str, str]:
-    """What every Prefect process of the test gets: its own PREFECT_HOME and server, no telemetry."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING_URI"))}
+def offline_env(home: Path, api_url: str, auth: str) -> dict[str, str]:
+    """What every Prefect process of the test gets: its own PREFECT_HOME and server, no telemetry,
+    and the login of a team's secured server (README: Prefect with a login)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_HOME=str(home), PREFECT_API_URL=api_url,
+        PREFECT_API_AUTH_STRING=auth,
         DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
         DVC_NO_ANALYTICS="1", PREFECT_UI_ENABLED="false",
         # no nightly run may start by itself during the test (the schedule is checked, not waited for)
@@ -128,23 +133,32 @@ async def wait_for(client, flow_run_id, done, timeout: float, worker_log: Path):
 @pytest.mark.slow
 def test_a_worker_runs_the_deployment_and_a_colliding_run_is_cancelled(tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     repo = checkout(tmp_path / "checkout")
     api_url = f"http://127.0.0.1:{free_port()}/api"
-    env = offline_env(tmp_path / "prefect-home", api_url)
+    auth = f"vamos:{secrets.token_urlsafe(16)}"
+    # A secret in the worker's environment, which no log or artifact of the run may show.
+    planted = secrets.token_urlsafe(16)
+    env = {**offline_env(tmp_path / "prefect-home", api_url, auth), "MLFLOW_TRACKING_PASSWORD": planted}
+    server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": auth}
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
     port = api_url.rsplit(":", 1)[1].split("/")[0]
     with process([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
-                 env, tmp_path, server_log) as server:
+                 server_env, tmp_path, server_log) as server:
         wait_healthy(f"{api_url}/health", server, server_log)
+        assert unauthenticated_status(f"{api_url}/flows/filter") == 401
+        anonymous = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
+        refused = subprocess.run([str(BIN / "prefect"), "work-pool", "ls"], env=anonymous, cwd=repo,
+                                 capture_output=True, text=True, timeout=180)
+        assert refused.returncode != 0, refused.stdout
         # the README's three commands, from the checkout
         prefect("work-pool", "create", "vamos", "--type", "process", env=env, cwd=repo)
         deployed = prefect("--no-prompt", "deploy", "-n", "nightly", env=env, cwd=repo)
         assert "vamos-pipeline/nightly" in deployed
-        with temporary_settings({PREFECT_API_URL: api_url}), \
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth}), \
                 process([str(BIN / "prefect"), "worker", "start", "--pool", "vamos"], env, repo, worker_log) as worker:
-            first, second, deployment = asyncio.run(two_runs(get_client, worker_log))
+            first, second, deployment, shown = asyncio.run(two_runs(get_client, worker_log))
             # the run's own last line, streamed through the worker, before the worker is stopped
             wait_for_line(worker_log, f"Flow run '{first.name}' - Finished in state", 30)
             assert worker.poll() is None
@@ -166,6 +180,20 @@ def test_a_worker_runs_the_deployment_and_a_colliding_run_is_cancelled(tmp_path)
     log = worker_log.read_text()
     assert f"submitting flow run '{first.id}'" in log and f"Flow run '{first.name}' - Finished in state Completed" in log
     assert f"Aborted submission of flow run '{second.id}'" in log
+    # No secret in what the run showed (its logs and artifacts on the server, the worker's output) or wrote.
+    written = [p for folder in ("reports", "data", "models") for p in (repo / folder).rglob("*") if p.is_file()]
+    for secret in (planted, auth.split(":", 1)[1]):
+        assert secret not in shown and secret not in log
+        assert not [str(p) for p in written if secret.encode() in p.read_bytes()]
+
+
+def unauthenticated_status(url: str) -> int:
+    request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 async def two_runs(get_client, worker_log: Path):
@@ -177,4 +205,21 @@ async def two_runs(get_client, worker_log: Path):
         second = await client.create_flow_run_from_deployment(deployment.id)
         second = await wait_for(client, second.id, lambda s: s.is_final(), 60, worker_log)
         first = await wait_for(client, first.id, lambda s: s.is_final(), 300, worker_log)
-        return first, second, deployment
+        return first, second, deployment, await shown_by(client, first.id)
+
+
+async def shown_by(client, flow_run_id) -> str:
+    """Every log line and artifact that the server holds for a flow run, as one text."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    logs, page = [], 200  # the server's largest page
+    while len(logs) % page == 0:
+        more = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                      limit=page, offset=len(logs))
+        logs += more
+        if not more:
+            break
+    artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert logs and artifacts  # the run logged its stages and published its summary
+    return "\n".join([*(entry.message for entry in logs), *(str(a.data) for a in artifacts)])
