@@ -3,12 +3,17 @@
 MLflow's basic-auth app (`mlflow server --app-name basic-auth`) checks every request against users
 and per-resource permissions. Three roles cover vamos's promotion path:
 
-- `vamos-pipeline`, the service account of the scheduled runs: logs runs and models, registers
-  versions and sets `challenger`, and `champion` through the promotion rule (`register`);
+- `vamos-pipeline`, the service account of the scheduled runs: creates the experiment and the
+  registered models, logs runs, registers versions and sets `challenger`, and `champion` through
+  the promotion rule (`register`);
 - `vamos-release-manager`: moves `champion` by hand, in the UI or the API; deletes nothing;
 - `vamos-reader`: sees runs, models and versions; changes nothing.
 
-The server's default permission is NO_PERMISSIONS, so a user without a role sees nothing.
+The server runs with workspaces (`--enable-workspaces`), the only way MLflow has to keep creation
+to some: without them, any login may create experiments and registered models and manages what it
+creates, so a reader could take `vamos-<pair>`'s name before the pipeline's first register. With
+them, only a workspace-wide USE grant creates, and only the pipeline's role has one. The server's
+default permission is NO_PERMISSIONS, so a user without a role sees nothing.
 MLflow's permissions are per experiment and registered model, not per alias: whoever may edit a
 registered model may move any of its aliases. So the pipeline's own credentials can move
 `champion` without the rule; keep them only where the scheduled runs start (the Prefect worker's
@@ -21,23 +26,19 @@ from __future__ import annotations
 
 import configparser
 import io
-import logging
 import os
 import secrets
 from pathlib import Path
 
 import typer
 
-from pipeline import storage
-
-log = logging.getLogger(__name__)
-
-WORKSPACE = "default"  # roles live in a workspace; a server without workspaces has only this one
-EDIT, READ = "EDIT", "READ"
+WORKSPACE = "default"  # the workspace that clients which name none (vamos, MLflow's client) use
+EDIT, READ, USE = "EDIT", "READ", "USE"
 PIPELINE, RELEASE_MANAGER, READER = "vamos-pipeline", "vamos-release-manager", "vamos-reader"
-# role -> {resource type: permission on every resource of the type ("*")}
+# role -> {resource type: permission on every resource of the type ("*")}; "workspace": USE is
+# what lets a role create experiments and registered models.
 ROLES: dict[str, dict[str, str]] = {
-    PIPELINE: {"experiment": EDIT, "registered_model": EDIT},
+    PIPELINE: {"workspace": USE, "experiment": EDIT, "registered_model": EDIT},
     RELEASE_MANAGER: {"experiment": READ, "registered_model": EDIT},
     READER: {"experiment": READ, "registered_model": READ},
 }
@@ -60,21 +61,27 @@ def auth_config(auth_db: str, admin: str = "admin") -> str:
     return text.getvalue()
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (mode 0600 from its creation on), whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
 def user_password(secrets_dir: Path, user: str) -> str:
     """The user's password: the one in its file if there is one, else a new one saved there
-    first (mode 0600, written whole), so that a rerun after a failure uses the same."""
+    first, so that a rerun after a failure uses the same."""
     secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = secrets_dir / user
     if path.exists():
         return path.read_text(encoding="utf-8").strip()
     password = secrets.token_urlsafe(24)
-    tmp = path.with_name(f".{user}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(password + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    write_private(path, password + "\n")
     return password
 
 
@@ -94,17 +101,23 @@ def ensure_role(auth, name: str, grants: dict[str, str]) -> int:
     return role.id
 
 
-def ensure_user(auth, user: str, role_id: int, secrets_dir: Path) -> bool:
-    """Create the user (if new) and give it the role; True if the user was created."""
+def ensure_user(auth, user: str, role_id: int, vamos_roles: dict[int, str], secrets_dir: Path) -> bool:
+    """Create the user (if new) and give it the role, taking away any other vamos role (a reader
+    made release manager stops being a reader); True if the user was created."""
     from mlflow.exceptions import RestException
 
     try:
         auth.get_user(user)  # an existing user keeps the password it has
         created = False
-    except RestException:
+    except RestException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # a server error must not look like a new user
+            raise
         auth.create_user(user, user_password(secrets_dir, user))
         created = True
-    if role_id not in {r.id for r in auth.list_user_roles(user)}:
+    held = {r.id for r in auth.list_user_roles(user)}
+    for other in held & vamos_roles.keys() - {role_id}:
+        auth.unassign_role(user, other)
+    if role_id not in held:
         auth.assign_role(user, role_id)
     return created
 
@@ -115,11 +128,10 @@ def set_up_roles(tracking_uri: str, members: dict[str, list[str]], secrets_dir: 
     from mlflow.server import get_app_client
 
     auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
-    created: dict[str, list[str]] = {}
-    for role, users in members.items():
-        role_id = ensure_role(auth, role, ROLES[role])
-        created[role] = [user for user in users if ensure_user(auth, user, role_id, secrets_dir)]
-    return created
+    role_ids = {role: ensure_role(auth, role, grants) for role, grants in ROLES.items()}
+    vamos_roles = {role_id: role for role, role_id in role_ids.items()}
+    return {role: [user for user in users if ensure_user(auth, user, role_ids[role], vamos_roles, secrets_dir)]
+            for role, users in members.items()}
 
 
 @app.command("mlflow-config")
@@ -127,10 +139,11 @@ def mlflow_config(path: Path = typer.Argument(..., help="where to write the conf
                   auth_db: str = typer.Option(..., help="the users' database, e.g. sqlite:////srv/mlflow/auth.db "
                                                         "or postgresql://mlflow@db-host/mlflow_auth"),
                   admin: str = typer.Option("admin", help="the admin's user name")) -> None:
-    """Write the basic-auth app's config; start the server with MLFLOW_AUTH_CONFIG_PATH set to it."""
-    storage.write_text(path, auth_config(auth_db, admin))
-    typer.echo(f"wrote {path}: start the server with MLFLOW_AUTH_CONFIG_PATH={path}, "
-               "MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY in its environment")
+    """Write the basic-auth app's config (mode 0600: its database URI may hold a password); start
+    the server with MLFLOW_AUTH_CONFIG_PATH set to it."""
+    write_private(path, auth_config(auth_db, admin))
+    typer.echo(f"wrote {path}: start the server with --enable-workspaces, MLFLOW_AUTH_CONFIG_PATH={path}, "
+               "MLFLOW_AUTH_ADMIN_PASSWORD (first start only) and MLFLOW_FLASK_SERVER_SECRET_KEY in its environment")
 
 
 @app.command("mlflow-roles")
