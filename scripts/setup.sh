@@ -10,10 +10,24 @@ apt_packages=(sword-text-web sword-text-sparv)   # the World English Bible and R
 # Headless Chromium for the MLflow UI browser test (tests/test_mlflow_ui.py), driven by Playwright
 # from PyPI with executable_path=/usr/bin/chromium: never `playwright install` (no browser download).
 apt_packages+=(chromium)
+# nginx and openssl for the reverse-proxy test, which runs deploy/nginx-serve.conf
+# (tests/test_team.py) in a process of its own on 127.0.0.1.
+apt_packages+=(nginx openssl)
 python3 -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 if ! dpkg -s "${apt_packages[@]}" >/dev/null 2>&1; then
+  had_nginx=$([ -x /usr/sbin/nginx ] && echo yes || echo no)
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}"
+  if [ "$had_nginx" = no ]; then
+    # Debian starts nginx's default site on port 80 of every address when it installs nginx; vamos
+    # needs no such service, so the one this set-up brought is stopped and kept from starting.
+    if [ -d /run/systemd/system ]; then
+      sudo_if_needed systemctl disable --now nginx >/dev/null 2>&1 || true
+    else
+      sudo_if_needed service nginx stop >/dev/null 2>&1 || true
+      sudo_if_needed update-rc.d nginx disable >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
