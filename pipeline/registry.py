@@ -274,8 +274,7 @@ def _register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame)
         # when that registration was cut short: a person may have moved them since, on purpose.
         record = json.loads(existing.tags["promotion"])
         if existing.tags.get("alias_applied") != "true":
-            apply_alias(client, cfg.model_name, existing.version, record["alias"])
-            client.set_model_version_tag(cfg.model_name, existing.version, "alias_applied", "true")
+            publish(client, cfg.model_name, existing, record)
         log.info("%s version %s: decision unchanged (%s)", cfg.model_name, existing.version, record["reason"])
         return record
 
@@ -300,13 +299,11 @@ def _register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame)
               "compared_with": int(champion.version) if champion and comparison else None, "comparison": comparison,
               "test_sha256": test_sha, "test_sentences": len(test), "decode": json.loads(decode_settings(params)),
               "run_id": version.run_id, "model_md5": md5}
-    for tag, value in {**version_tags(params, md5, record, model_file), "decision_key": key,
-                       "promotion": json.dumps(record), "alias_applied": "false"}.items():
+    # The decision's key last: a version that has it has every other tag of the decision.
+    for tag, value in {**version_tags(params, md5, record, model_file), "promotion": json.dumps(record),
+                       "alias_applied": "false", "decision_key": key}.items():
         client.set_model_version_tag(cfg.model_name, version.version, tag, value)
-    client.update_model_version(cfg.model_name, version.version, description=describe(record))
-    log_to_run(client, version, record)
-    apply_alias(client, cfg.model_name, version.version, decision.alias)
-    client.set_model_version_tag(cfg.model_name, version.version, "alias_applied", "true")
+    publish(client, cfg.model_name, version, record)
     log.info("%s version %s -> %s (%s)", cfg.model_name, version.version, decision.alias or "no alias", decision.reason)
     return record
 
@@ -314,6 +311,15 @@ def _register(params: Params, model_file: Path, run_id: str, test: pd.DataFrame)
 def logged_model_id(version) -> str | None:
     """The MLflow 3 logged model a version was registered from (`models:/m-...`), if any."""
     return version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None
+
+
+def publish(client, name: str, version, record: dict) -> None:
+    """What a decision shows (the version's description, the record on its run) and its alias;
+    marked done last, so that a retry after a cut anywhere before does all of it again."""
+    client.update_model_version(name, version.version, description=describe(record))
+    log_to_run(client, version, record)
+    apply_alias(client, name, version.version, record["alias"])
+    client.set_model_version_tag(name, version.version, "alias_applied", "true")
 
 
 def log_to_run(client, version, record: dict) -> None:
