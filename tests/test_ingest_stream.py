@@ -1,6 +1,7 @@
 """Streamed, sharded ingest: the same pairs, order, counts and examples however the corpus is cut
 into chunks and wherever the chunks are cleaned (inline, a local cluster, a real Dask cluster)."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,51 @@ def test_first_occurrences_by_bucket_equal_one_sort():
     assert np.array_equal(first_occurrences(hashes), expected)
     assert len(np.unique(hashes >> np.uint64(60))) == 16
     assert not first_occurrences(np.empty(0, np.uint64)).any()
+
+
+# A filesystem that fails, mounted over the project's data/raw in a mount namespace of the stage's
+# own (unshare: no root needed, nothing seen outside): a full tmpfs, or a read-only one.
+FAULT = r"""
+set -e
+mount -t tmpfs -o size=4m vamos-fault data/raw
+cp -a "$SAVED"/. data/raw/
+case "$FAULT" in
+  full) dd if=/dev/zero of=data/raw/.filler bs=64k 2>/dev/null || true ;;
+  read-only) mount -o remount,ro data/raw ;;
+esac
+set +e
+"$PYTHON" -m pipeline.cli ingest > stage.out 2> stage.err
+echo "rc=$?"
+cd data/raw && find . -type f ! -name .filler | sort | xargs md5sum | sed 's/^/md5 /'
+"""
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_disk_fails_the_stage_naming_the_path_and_keeps_the_old_outputs(inline_run, tmp_path,
+                                                                                            monkeypatch, fault):
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    corpus, _ = inline_run
+    root = tmp_path / "p"
+    before = run_ingest_stage(root, corpus, monkeypatch, workers=1)
+    saved = tmp_path / "saved-raw"
+    shutil.copytree(root / "data/raw", saved)
+    (corpus / "incoming" / "3.tsv").write_text(pair(40), encoding="utf-8")  # new data: new shards to write
+    try:
+        result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", FAULT], cwd=root,
+                                env={**os.environ, "SAVED": str(saved), "FAULT": fault, "PYTHON": sys.executable},
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        (corpus / "incoming" / "3.tsv").unlink()
+    assert "rc=1" in result.stdout, result.stdout + result.stderr
+    error = (root / "stage.err").read_text()
+    reason = {"full": "No space left on device", "read-only": "Read-only file system"}[fault]
+    assert reason in error and str(root / "data/raw") in error, error[-3000:]  # what failed, and where
+    # What the failed stage left on that filesystem: the old shards, byte for byte, and nothing else.
+    left = dict(line.split()[:0:-1] for line in result.stdout.splitlines() if line.startswith("md5 "))
+    assert left == {f"./pairs/{name}": hashlib.md5(data).hexdigest()
+                    for name, data in before.items() if name != "report"}
+    assert (root / "reports/ingest.json").read_bytes() == before["report"]
