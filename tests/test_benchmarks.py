@@ -42,3 +42,23 @@ def test_set_overrides_are_yaml_values_checked_as_the_flows_are(tmp_path, monkey
     assert params.flow.retry_delays_seconds == [1, 2.5]
     with pytest.raises(ParamsError, match=r"train\.hiden_size"):
         params_with(["train.hiden_size=64"])
+
+
+@pytest.mark.slow
+def test_the_rest_soak_sends_its_mix_and_counts_every_answer(trained_copy):
+    """benchmarks/rest.py --soak-minutes, briefly, against a real `mlflow models serve` of the
+    trained champion: every kind of request sent, good ones answered 200, bad ones 4xx, no 5xx."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "rest.py"),
+                           "--soak-minutes", "0.25", "--clients", "4"], cwd=trained_copy, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {cells[0]: cells for cells in (
+        [c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines() if line.startswith("| "))}
+    assert all(int(rows[kind][1]) > 0 for kind in ("good", "over-long", "malformed")), done.stdout
+    assert rows["good"][2].startswith("200: ") and ", " not in rows["good"][2], done.stdout  # 200 only
+    assert all(status.split(":")[0].startswith("4") for kind in ("over-long", "malformed")
+               for status in rows[kind][2].split(", ")), done.stdout
+    assert "5xx or no answer: 0; good not 200 or bad not 4xx: 0" in done.stdout
+    assert "server RSS, all processes (MiB), by minute: 0: " in done.stdout
