@@ -2,12 +2,17 @@
 store on SQLite in a temp dir, and one trained tiny model per session."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -147,8 +152,6 @@ def broken_model(root: Path) -> Path:
 
 
 def run(cmd: list[str], cwd: Path, **kw):
-    import subprocess
-
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
 
 
@@ -166,6 +169,68 @@ def make_dvc_repo(root: Path) -> Path:
         result = run(cmd, root)
         assert result.returncode == 0, result.stderr
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, *, login: tuple[str, str] | None = None, data: bytes | None = None) -> int:
+    """The HTTP status a server answers to a GET (or, with `data`, a JSON POST), with a basic-auth
+    login or none."""
+    import base64
+
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    if login:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(login).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a server started in its own session, with the workers it forked."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts, both under `folder`)
+    that a test can kill and start again on the same port and stores; `args` and `env` add to its
+    command line and environment (a login app, its config)."""
+
+    def __init__(self, folder: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        self.folder, self.args, self.env = folder, args, env
+        self.port, self.process = free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db, self.log = folder / "mlflow.db", folder / "server.log"
+
+    def start(self) -> None:
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", *self.args, "--host", "127.0.0.1", "--port",
+                 str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}",
+                 "--artifacts-destination", str(self.folder / "artifacts")],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_healthy(f"{self.uri}/health", self.process, self.log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop(self.process)
 
 
 def wait_healthy(health_url: str, server, log: Path, timeout: float = 120) -> None:

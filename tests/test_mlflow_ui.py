@@ -14,8 +14,6 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +27,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_params
 from pipeline.stages import STAGES
-from tests.conftest import REPO, run, wait_healthy
+from tests.conftest import REPO, free_port, run, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -47,25 +45,6 @@ def artifacts_dir() -> Path:
     path = Path(os.environ.get("VAMOS_TEST_ARTIFACTS") or REPO / "tests" / "artifacts") / "mlflow_ui"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End a server started in its own session, with the workers it forked."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
 
 
 @contextlib.contextmanager
@@ -87,7 +66,9 @@ def mlflow_ui(db: Path, log_file: Path):
 
 
 @contextlib.contextmanager
-def chromium_page():
+def chromium_page(login: tuple[str, str] | None = None):
+    """A headless Chromium page; with `login` (user, password), it answers the server's basic-auth
+    challenge as a person's browser does once they typed it in."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -97,7 +78,8 @@ def chromium_page():
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1600, "height": 1000})
+            viewport={"width": 1600, "height": 1000},
+            http_credentials=dict(zip(("username", "password"), login)) if login else None)
         try:
             page = context.new_page()
             page.set_default_timeout(UI_TIMEOUT_MS)
@@ -195,6 +177,47 @@ def vamos(*args: str, cwd: Path, timeout: int = 300):
     return result
 
 
+def give_alias_in_ui(page, version: str, holder: str, name: str = NAME, alias: str = CHAMPION,
+                     keep_own_aliases: bool = False):
+    """In the version page's alias editor, give `version` the alias that `holder` has (removing the
+    version's own aliases unless `keep_own_aliases`), and save; returns the editor (it closes when
+    the server accepted the change)."""
+    page.get_by_role("link", name=f"Version {version}", exact=True).first.click()
+    page.get_by_role("heading", name=f"Version {version}").wait_for()
+    page.get_by_title(re.compile(r"^(Add|Edit) aliases$")).click()
+    editor = page.get_by_role("dialog")
+    editor.get_by_text(f"Add/Edit alias for model version {version}").wait_for()
+    chips = editor.locator('[data-component-type="tag"] button')  # its own aliases (challenger)
+    for _ in range(0 if keep_own_aliases else 5):
+        if not chips.count():
+            break
+        chips.first.click()
+    editor.get_by_role("combobox").fill(alias)
+    editor.get_by_role("combobox").press("Enter")
+    editor.get_by_text(f'The "{alias}" alias is also being used on version {holder}').wait_for()
+    editor.get_by_role("button", name="Save aliases").click()
+    return editor
+
+
+def open_registered_model(page, url: str, name: str = NAME) -> None:
+    """The registered model's page, from the registry's list (its alias-based view once offered).
+    A server with workspaces first asks for one: the `default` one, where vamos's clients work."""
+    page.goto(url)
+    registry, workspace = (page.get_by_role("link", name=text, exact=True) for text in ("Model registry", "default"))
+    training = page.get_by_role("button", name="Model training", exact=True)  # the registry is in this view
+    registry.or_(training).or_(workspace).first.wait_for()
+    if not (registry.count() or training.count()):
+        workspace.first.click()
+        registry.or_(training).first.wait_for()
+    if not registry.count():
+        training.click()
+    registry.first.click()
+    with contextlib.suppress(Exception):  # MLflow offers its alias-based registry UI once
+        page.get_by_role("dialog").get_by_role("button", name="Try it now").click(timeout=5_000)
+    page.get_by_role("link", name=name, exact=True).first.click()
+    page.get_by_role("heading", name=name).wait_for()
+
+
 def test_compare_and_promote_in_the_mlflow_ui(trained_copy, tmp_path, capsys):
     root, client = trained_copy, MlflowClient()
 
@@ -250,11 +273,7 @@ def test_compare_and_promote_in_the_mlflow_ui(trained_copy, tmp_path, capsys):
         page.set_viewport_size({"width": 1600, "height": 1000})
 
         # The registered model, with its champion.
-        page.get_by_role("link", name="Model registry", exact=True).first.click()
-        with contextlib.suppress(Exception):  # MLflow offers its alias-based registry UI once
-            page.get_by_role("dialog").get_by_role("button", name="Try it now").click(timeout=5_000)
-        page.get_by_role("link", name=NAME, exact=True).first.click()
-        page.get_by_role("heading", name=NAME).wait_for()
+        open_registered_model(page, url)
         champion_row = page.get_by_role("row").filter(
             has=page.get_by_role("link", name=f"Version {champion.version}", exact=True))
         champion_row.get_by_text(ALIAS_TAG).wait_for()
@@ -262,20 +281,7 @@ def test_compare_and_promote_in_the_mlflow_ui(trained_copy, tmp_path, capsys):
         shot(page, "03-model-champion-before.png", shots)
 
         # Move the alias in the other version's alias editor.
-        page.get_by_role("link", name=f"Version {target.version}", exact=True).first.click()
-        page.get_by_role("heading", name=f"Version {target.version}").wait_for()
-        page.get_by_title(re.compile(r"^(Add|Edit) aliases$")).click()
-        editor = page.get_by_role("dialog")
-        editor.get_by_text(f"Add/Edit alias for model version {target.version}").wait_for()
-        chips = editor.locator('[data-component-type="tag"] button')  # its own aliases (challenger)
-        for _ in range(5):
-            if not chips.count():
-                break
-            chips.first.click()
-        editor.get_by_role("combobox").fill(CHAMPION)
-        editor.get_by_role("combobox").press("Enter")
-        editor.get_by_text(f'The "{CHAMPION}" alias is also being used on version {champion.version}').wait_for()
-        editor.get_by_role("button", name="Save aliases").click()
+        editor = give_alias_in_ui(page, target.version, champion.version)
         editor.wait_for(state="hidden")
         page.get_by_text(ALIAS_TAG).first.wait_for()
         page.get_by_role("link", name=NAME, exact=True).first.click()  # the breadcrumb
