@@ -77,22 +77,27 @@ def load_level(url: str, clients: int, pool: list[str], total: int) -> dict:
     wall = time.perf_counter() - start
     return {"clients": clients, "requests": total, "rps": total / wall,
             "p50_ms": 1000 * statistics.median(latencies),
-            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
+            "p95_ms": 1000 * percentile(latencies, 0.95)}
+
+
+def server_processes(server) -> list[psutil.Process]:
+    """The server and everything it started (mlflow, uvicorn, the worker that holds the model)."""
+    return [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
 
 
 def peak_rss_mib(server) -> float:
     """The largest peak resident set among the server's processes (the worker holds the model)."""
     peaks = []
-    for process in [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]:
+    for process in server_processes(server):
         status = Path(f"/proc/{process.pid}/status").read_text()
         peaks += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
     return max(peaks)
 
 
 def rss_mib(server) -> float:
-    """The server's resident memory now, all its processes (mlflow, uvicorn, the worker)."""
+    """The server's resident memory now, all its processes."""
     total = 0
-    for process in [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]:
+    for process in server_processes(server):
         try:
             total += process.memory_info().rss
         except psutil.NoSuchProcess:  # a process that ended while we looked
