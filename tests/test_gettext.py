@@ -1,4 +1,4 @@
-"""gettext catalogs as a corpus (pipeline.corpus, kind: gettext): .po and .mo files read through
+"""gettext catalogs as a corpus (pipeline.sources, kind: gettext): .po and .mo files read through
 polib; plurals, contexts, fuzzy and obsolete entries, templates and help text handled and counted
 by reason; one id for every copy of a message, whichever catalog it is in."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ import polib
 import pytest
 
 from pipeline.config import GettextSource, ParamsError, load_params
-from pipeline.corpus import CorpusError, ingest
+from pipeline.corpus import ingest
+from pipeline.sources import CorpusError
 
 
 def catalog(entries: list[polib.POEntry], plural_forms: str = "nplurals=2; plural=(n != 1);") -> polib.POFile:

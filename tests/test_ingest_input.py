@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import TableSource, TextPairSource, TsvSource
-from pipeline.corpus import CorpusError, ingest
+from pipeline.corpus import ingest
+from pipeline.sources import CorpusError
 from pipeline.storage import read_raw_pairs
 
 GOOD = "The red dog sleeps.\tEl perro rojo duerme.\tCC-BY\n"
