@@ -107,8 +107,9 @@ def remove_leftovers(path: str | Path) -> None:
 def temporary_folder_beside(path: str | Path, purpose: str) -> Iterator[Path]:
     """A new empty folder beside `path` (on its filesystem, which workers may share), removed after."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{purpose}."))
+    with naming_the_output(path):  # mkdtemp's error names the temporary folder, not the output
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{purpose}."))
     os.chmod(folder, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide it from teammates
     try:
         yield folder
