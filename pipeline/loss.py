@@ -18,6 +18,12 @@ from pipeline.text import PAD_ID, SOS_ID
 # Never a target, so never a sampled candidate: they join every candidate set instead, which
 # teaches the model to keep their logits low.
 ALWAYS_NEGATIVE = (PAD_ID, SOS_ID)
+# oneDNN (bf16 on a CPU) builds and caches a matmul for each distinct shape. The loss's rows (a
+# batch's real target tokens) and columns (its candidate words) differ in every batch, so every
+# step built new ones, which pushed reusable ones out of the cache and grew memory all run long.
+# Padded up to these multiples, a few dozen shapes serve every batch (docs/decisions.md).
+ROW_MULTIPLE = 64
+COLUMN_MULTIPLE = 128
 
 
 @functools.lru_cache(maxsize=4)
@@ -27,6 +33,24 @@ def log_uniform(vocab_size: int, device: torch.device) -> torch.Tensor:
     probs = torch.log1p(1.0 / (torch.arange(vocab_size, dtype=torch.float64) + 1.0))
     probs[list(ALWAYS_NEGATIVE)] = 0.0
     return (probs / probs.sum()).float().to(device)
+
+
+def padded(tensor: torch.Tensor, multiple: int, value: float = 0) -> torch.Tensor:
+    """`tensor` with rows of `value` appended up to a multiple of `multiple` rows."""
+    missing = -tensor.size(0) % multiple
+    return torch.cat([tensor, tensor.new_full((missing, *tensor.shape[1:]), value)]) if missing else tensor
+
+
+def output_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  columns: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits N x C of `hidden` (N x D) for the output words `columns` (all C words by
+    default), computed in padded shapes (ROW_MULTIPLE, COLUMN_MULTIPLE) and cut back: each logit
+    is the same dot product, and the padding's cut-off logits get no gradient."""
+    rows, width = hidden.size(0), weight.size(0) if columns is None else len(columns)
+    if columns is not None:
+        columns = padded(columns, COLUMN_MULTIPLE, PAD_ID)
+        weight, bias = weight[columns], bias[columns]
+    return F.linear(padded(hidden, ROW_MULTIPLE), weight, bias)[:rows, :width].float()
 
 
 def sampled_logits(hidden: torch.Tensor, gold: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -48,7 +72,7 @@ def sampled_logits(hidden: torch.Tensor, gold: torch.Tensor, weight: torch.Tenso
     drawn = drawn[~torch.isin(drawn, certain)]
     log_inclusion = torch.log(-torch.expm1(negatives * torch.log1p(-probs[drawn])))
     candidates = torch.cat([certain, drawn])
-    logits = F.linear(hidden, weight[candidates], bias[candidates]).float()
+    logits = output_logits(hidden, weight, bias, candidates)
     correction = torch.cat([torch.zeros_like(certain, dtype=logits.dtype), log_inclusion])
     return logits - correction, torch.searchsorted(certain, gold)
 
@@ -65,6 +89,6 @@ def sequence_loss(model: Seq2Seq, attentional: torch.Tensor, targets: torch.Tens
     if model.training and 0 < negatives < weight.size(0):
         logits, gold_columns = sampled_logits(hidden, gold, weight, bias, negatives, gold_words, generator)
     else:
-        logits, gold_columns = F.linear(hidden, weight, bias).float(), gold
+        logits, gold_columns = output_logits(hidden, weight, bias), gold
     loss = F.cross_entropy(logits, gold_columns, reduction="sum", label_smoothing=label_smoothing)
     return loss, int(gold.numel())
