@@ -297,7 +297,7 @@ def running_server(model_uri: str, cwd: str | Path | None = None, workers: int =
     benchmarks: yields (base URL, process) once /ping answers; always stops the whole process group."""
     import requests
 
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
                "local", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the server
@@ -319,7 +319,8 @@ def running_server(model_uri: str, cwd: str | Path | None = None, workers: int =
         log.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for the servers the pipeline and tests start)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

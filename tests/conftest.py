@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.serving import free_port  # noqa: F401 (the tests import it from here)
 from pipeline.tracking import offline_environment
 
 offline_environment()
@@ -169,12 +169,6 @@ def make_dvc_repo(root: Path) -> Path:
         result = run(cmd, root)
         assert result.returncode == 0, result.stderr
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_status(url: str, *, login: tuple[str, str] | None = None, data: bytes | None = None) -> int:
