@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.serving import free_port  # noqa: F401 (the tests import it from here)
 from pipeline.tracking import offline_environment
 
-offline_environment()
+offline_environment()  # before anything imports mlflow, which reads its telemetry switch on import
+from pipeline.serving import free_port  # noqa: E402 (shared with the tests that import it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 # The stages shell out to `vamos` (DVC, Prefect): put this interpreter's scripts first on PATH.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"

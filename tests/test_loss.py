@@ -36,3 +36,16 @@ def test_every_batch_size_reaches_the_matmul_in_a_few_shapes():
     shapes = {tuple(map(tuple, event.input_shapes[:2])) for event in trace.events() if event.name == "aten::linear"}
     assert all(h[0] % ROW_MULTIPLE == 0 and w[0] % COLUMN_MULTIPLE == 0 for h, w in shapes), shapes
     assert len(shapes) <= 7 * 4, shapes  # 400 rows / 64 (7 values) x 300 candidates / 128 (at most 4)
+
+
+def test_bf16_autocast_empty_and_already_padded_batches():
+    torch.manual_seed(2)
+    weight, bias = torch.randn(400, 16), torch.randn(400)
+    columns = torch.arange(3, 203)
+    for rows in (0, ROW_MULTIPLE, 2 * ROW_MULTIPLE + 1):
+        hidden = torch.randn(rows, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = output_logits(hidden, weight, bias, columns)
+            plain = F.linear(hidden, weight[columns], bias[columns])
+        assert logits.dtype == torch.float32 and logits.shape == (rows, len(columns))
+        torch.testing.assert_close(logits, plain.float())
