@@ -108,7 +108,9 @@ def test_sampled_softmax_estimates_the_normaliser_without_bias():
     estimates, sizes = [], []
     for _ in range(300):
         logits, columns = sampled_logits(hidden, gold, weight, bias, negatives=200)
-        assert torch.equal(logits[torch.arange(3), columns], F.linear(hidden, weight, bias)[torch.arange(3), gold])
+        # Close, not equal: the padded projection and this one are matmuls of other shapes.
+        rows = torch.arange(3)
+        torch.testing.assert_close(logits[rows, columns], F.linear(hidden, weight, bias)[rows, gold])
         estimates.append(torch.logsumexp(logits, 1).exp())
         sizes.append(logits.size(1))
     assert max(sizes) < vocab / 5
