@@ -38,6 +38,7 @@ import psutil
 import requests
 import typer
 
+from memory import process_tree, tree_rss_mib  # benchmarks/memory.py: the script's folder is on sys.path
 from pipeline.serving import running_server
 from pipeline.storage import PREPARED
 from pipeline.tracking import offline_environment
@@ -76,33 +77,17 @@ def load_level(url: str, clients: int, pool: list[str], total: int) -> dict:
         latencies = sorted(itertools.chain.from_iterable(executor.map(client, shares)))
     wall = time.perf_counter() - start
     return {"clients": clients, "requests": total, "rps": total / wall,
-            "p50_ms": 1000 * statistics.median(latencies),
+            "p50_ms": 1000 * percentile(latencies, 0.5),
             "p95_ms": 1000 * percentile(latencies, 0.95)}
-
-
-def server_processes(server) -> list[psutil.Process]:
-    """The server and everything it started (mlflow, uvicorn, the worker that holds the model)."""
-    return [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
 
 
 def peak_rss_mib(server) -> float:
     """The largest peak resident set among the server's processes (the worker holds the model)."""
     peaks = []
-    for process in server_processes(server):
+    for process in process_tree(server.pid):
         status = Path(f"/proc/{process.pid}/status").read_text()
         peaks += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")]
     return max(peaks)
-
-
-def rss_mib(server) -> float:
-    """The server's resident memory now, all its processes."""
-    total = 0
-    for process in server_processes(server):
-        try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:  # a process that ended while we looked
-            pass
-    return total / 2**20
 
 
 def soak_mix(max_sentences: int, max_sentence_tokens: int) -> list:
@@ -154,7 +139,7 @@ def soak(url: str, server, pool: list[str], clients: int, minutes: float, seed: 
 
     def sample_memory(stop: threading.Event) -> None:
         while not stop.wait(0 if not memory else 60):
-            memory.append(((time.monotonic() - started) / 60, rss_mib(server)))
+            memory.append(((time.monotonic() - started) / 60, tree_rss_mib(server.pid)))
 
     stop = threading.Event()
     sampler = threading.Thread(target=sample_memory, args=(stop,), daemon=True)
@@ -164,7 +149,7 @@ def soak(url: str, server, pool: list[str], clients: int, minutes: float, seed: 
     wall = time.monotonic() - started
     stop.set()
     sampler.join()
-    memory.append((wall / 60, rss_mib(server)))
+    memory.append((wall / 60, tree_rss_mib(server.pid)))
 
     good = sorted(seconds for kind, status, seconds in results if kind == "good" and status == 200)
     print(f"{len(results)} requests in {wall / 60:.1f} min from {clients} clients: {len(results) / wall:.1f} requests/s, "
@@ -253,7 +238,8 @@ def main(
         url = f"{base}/invocations"
         load_level(url, 1, pool, min(10, requests_per_level))  # warm-up: first requests load lazily
         if soak_minutes:
-            return soak(url, server, pool, clients[-1], soak_minutes, seed)
+            soak(url, server, pool, clients[-1], soak_minutes, seed)
+            return
         print("| clients | requests | requests/s | p50 ms | p95 ms |\n|---:|---:|---:|---:|---:|")
         for level in clients:
             r = load_level(url, level, pool, requests_per_level)

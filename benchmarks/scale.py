@@ -22,17 +22,18 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import typer
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from memory import TreeRss  # noqa: E402
+
 from pipeline.device import cpu_info  # noqa: E402
 from pipeline.storage import MODEL_FILE, RAW_PAIRS, raw_shards  # noqa: E402
 from pipeline.tracking import git_commit  # noqa: E402
@@ -60,37 +61,6 @@ def project(root: Path, corpus: Path, join: int, workers: int | None) -> None:
     params["ingest"]["max_words"] = params["ingest"]["max_words"] * join
     params["train"].update(max_steps=1, lexicon=False, max_minutes=None)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-class TreeRss:
-    """The peak of the summed RSS of a process and all its descendants, sampled every `every` s."""
-
-    def __init__(self, pid: int, every: float = 0.2):
-        self.process, self.every, self.peak = psutil.Process(pid), every, 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-
-    def sample(self) -> None:
-        while not self.done.is_set():
-            try:
-                tree = [self.process, *self.process.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            total = 0
-            for process in tree:
-                try:
-                    total += process.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, total)
-            self.done.wait(self.every)
-
-    def stop(self) -> float:
-        """The peak in MB."""
-        self.done.set()
-        self.thread.join()
-        return self.peak / 2**20
 
 
 def run_stage(stage: str, root: Path) -> tuple[float, float, float, int]:
