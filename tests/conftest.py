@@ -188,15 +188,13 @@ def http_status(url: str, *, login: tuple[str, str] | None = None, data: bytes |
 
 
 def stop(process: subprocess.Popen) -> None:
-    """End a server started in its own session, with the workers it forked."""
-    if process.poll() is None:
+    """End a server started in its own session, with the workers it forked: SIGTERM the group, and
+    after a grace period SIGKILL what is left of it, even when its leader has already exited (a
+    worker that outlived it would keep the port that a restart reuses)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=20)
 
 
