@@ -16,15 +16,27 @@ apt_packages+=(nginx openssl)
 python3 -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 if ! dpkg -s "${apt_packages[@]}" >/dev/null 2>&1; then
   had_nginx=$([ -x /usr/sbin/nginx ] && echo yes || echo no)
+  # Debian starts the services that a package installs: nginx's default site would take port 80 of
+  # every address, and where that port is taken the start fails and with it the install. vamos needs
+  # no such service, so none starts while set-up installs (policy-rc.d, which invoke-rc.d and
+  # deb-systemd-invoke obey), unless the machine already has a policy of its own.
+  own_policy=no
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    own_policy=yes
+    trap 'sudo_if_needed rm -f /usr/sbin/policy-rc.d' EXIT
+    printf '#!/bin/sh\nexit 101\n' | sudo_if_needed tee /usr/sbin/policy-rc.d >/dev/null
+    sudo_if_needed chmod 755 /usr/sbin/policy-rc.d
+  fi
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}"
-  if [ "$had_nginx" = no ]; then
-    # Debian starts nginx's default site on port 80 of every address when it installs nginx; vamos
-    # needs no such service, so the one this set-up brought is stopped and kept from starting.
+  if [ "$own_policy" = yes ]; then
+    sudo_if_needed rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
+  if [ "$had_nginx" = no ]; then  # nor at the next boot
     if [ -d /run/systemd/system ]; then
-      sudo_if_needed systemctl disable --now nginx >/dev/null 2>&1 || true
+      sudo_if_needed systemctl disable nginx >/dev/null 2>&1 || true
     else
-      sudo_if_needed service nginx stop >/dev/null 2>&1 || true
       sudo_if_needed update-rc.d nginx disable >/dev/null 2>&1 || true
     fi
   fi
