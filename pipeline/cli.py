@@ -186,6 +186,23 @@ def translate(
     _write_lines(outputs, output_file)
 
 
+@app.command()
+def ensemble(
+    models: list[Path] = typer.Argument(..., help="saved models (model.pt files) trained on the same prepared data"),
+    output: Path = typer.Option(..., "--output", "-o", help="the ensemble's model file (written atomically)"),
+) -> None:
+    """Pack models into one model file that decodes as their ensemble (their next-word
+    log-probabilities averaged at every step): for `vamos translate --model`, benchmarks/score.py
+    and serving. Each member costs its own decoding time and memory."""
+    from pipeline.model import NotAModel, pack_ensemble
+
+    try:
+        count = pack_ensemble(models, output)
+    except (NotAModel, FileNotFoundError, ValueError) as e:
+        _fail(f"vamos ensemble: {e}")
+    typer.echo(f"wrote {output}: an ensemble of {count} models")
+
+
 class TranslateInputError(ValueError):
     """Nothing to translate, or a file that cannot be read."""
 

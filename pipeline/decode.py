@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.device import has_bf16
+from pipeline.model.ensemble import Ensemble, PerMember
 from pipeline.text import EOS_ID, PAD_ID, SOS_ID, UNK, UNK_ID, Tokenizer, Vocab
 
 log = logging.getLogger(__name__)
@@ -60,17 +61,22 @@ class OutputLayer:
         self.eos = EOS_ID if self.ids is None else int((self.ids == EOS_ID).nonzero())
         self.unk = UNK_ID if self.ids is None else int((self.ids == UNK_ID).nonzero())
 
-    def best(self, attentional: torch.Tensor, at_limit: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's `count` most likely next words: (log-probabilities, positions), rows x count.
-        Rows flagged `at_limit` may only end, at the model's price for <eos>. (One log_softmax pass
-        costs less than logsumexp and topk on the raw logits: CPU logsumexp is five passes.)"""
+    def log_probs(self, attentional: torch.Tensor) -> torch.Tensor:
+        """The model's next-word log-probabilities, rows x the words that can be emitted. (One
+        log_softmax pass costs less than logsumexp and topk on the raw logits: CPU logsumexp is
+        five passes.)"""
         if self.weight is None:
             logits = self.model.logits(attentional).float()
         else:
             logits = F.linear(attentional.to(self.dtype), self.weight, self.bias).float()
         if self.ids is None:
             logits[:, list(NEVER_EMITTED)] = float("-inf")
-        log_probs = torch.log_softmax(logits, dim=-1)  # over the words that can be emitted
+        return torch.log_softmax(logits, dim=-1)
+
+    def best(self, attentional, at_limit: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's `count` most likely next words: (log-probabilities, positions), rows x count.
+        Rows flagged `at_limit` may only end, at the model's price for <eos>."""
+        log_probs = self.log_probs(attentional)
         if self.unk_penalty:  # a score penalty, as fairseq's --unkpen: the probabilities stay the model's
             log_probs[:, self.unk] -= self.unk_penalty
         if bool(at_limit.any()):
@@ -83,6 +89,26 @@ class OutputLayer:
 
     def token_ids(self, positions: torch.Tensor) -> torch.Tensor:
         return positions if self.ids is None else self.ids[positions]
+
+
+class EnsembleOutput(OutputLayer):
+    """The output layer of a pipeline.model.ensemble.Ensemble: each member's log-probabilities
+    from its own attentional state, averaged; the choice of words as for one model."""
+
+    def __init__(self, ensemble: Ensemble, shortlist: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32, unk_penalty: float = 0.0):
+        self.members = [OutputLayer(model, shortlist, dtype) for model in ensemble.members]
+        first = self.members[0]
+        self.ids, self.eos, self.unk, self.unk_penalty = first.ids, first.eos, first.unk, unk_penalty
+
+    def log_probs(self, attentional: PerMember) -> torch.Tensor:
+        if len(self.members) == 1:
+            return self.members[0].log_probs(attentional[0])
+        return torch.stack([out.log_probs(a) for out, a in zip(self.members, attentional)]).mean(0)
+
+
+def output_layer(model, shortlist: torch.Tensor | None = None, **scoring) -> OutputLayer:
+    return (EnsembleOutput if isinstance(model, Ensemble) else OutputLayer)(model, shortlist, **scoring)
 
 
 def projection(model, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -165,7 +191,7 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len_ratio
     The score is the sum of the chosen words' log-probabilities, <eos> included."""
     device = src.device
     memory, state = model.encode(src, src_len)
-    output = OutputLayer(model, shortlist, **scoring)
+    output = output_layer(model, shortlist, **scoring)
     history = SearchHistory(src.size(0), device)
     sentences = torch.arange(src.size(0), device=device)  # the batch rows still searching
     limits = max_lengths(src_len, max_len_ratio).to(device)
@@ -208,7 +234,7 @@ def search_beams(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int
     memory, state = model.encode(src, src_len)
     rows = torch.arange(batch, device=device).repeat_interleave(k)
     memory, state = memory.select(rows), state.select(rows)
-    output = OutputLayer(model, shortlist, **scoring)
+    output = output_layer(model, shortlist, **scoring)
     history = SearchHistory(batch, device)
     sentences = torch.arange(batch, device=device)
     finished = torch.zeros(batch, dtype=torch.long, device=device)  # hypotheses ended, per sentence

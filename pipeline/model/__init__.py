@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from pipeline import storage
+from pipeline.model.ensemble import Ensemble
 from pipeline.model.seq2seq import ModelConfig, Seq2Seq
 from pipeline.text import Tokenizer, Vocab
 
-__all__ = ["ModelConfig", "Seq2Seq", "NotAModel", "save_model", "load_model", "load_translator"]
+__all__ = ["ModelConfig", "Seq2Seq", "Ensemble", "NotAModel", "save_model", "load_model", "load_translator",
+           "pack_ensemble"]
 
 # Keys that pipeline.checkpoint.save writes (last.pt, to resume training) in place of a saved model's.
 TRAINING_CHECKPOINT_KEYS = {"model", "optimizer", "progress", "rng"}
@@ -21,16 +23,20 @@ class NotAModel(ValueError):
     """A file that torch loads but that holds no saved model; the message names the file."""
 
 
-def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vocab, src_tok: Tokenizer,
+def save_model(path: str | Path, model: Seq2Seq | Ensemble, src_vocab: Vocab, tgt_vocab: Vocab, src_tok: Tokenizer,
                tgt_tok: Tokenizer, lexicon=None) -> None:
+    """One file with everything a translator needs. An Ensemble's first member takes the keys of
+    a single model; the others follow under "members"."""
+    first, *others = model.members if isinstance(model, Ensemble) else [model]
     bundle = {
-        "config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **member_bundle(first),
         "src_vocab": src_vocab.itos,
         "tgt_vocab": tgt_vocab.itos,
         "src_tokenizer": tokenizer_settings(src_tok),
         "tgt_tokenizer": tokenizer_settings(tgt_tok),
     }
+    if others:
+        bundle["members"] = [member_bundle(member) for member in others]
     if lexicon is not None:  # a pipeline.lexicon.Lexicon, as plain strings and lists
         bundle["lexicon"] = lexicon.to_dict()
     # Through a buffer: torch.save names the zip's records after the file, and atomic_path's
@@ -41,12 +47,25 @@ def save_model(path: str | Path, model: Seq2Seq, src_vocab: Vocab, tgt_vocab: Vo
         Path(tmp).write_bytes(buffer.getvalue())
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, src_vocab, tgt_vocab, src_tokenizer, tgt_tokenizer) from a saved bundle."""
-    bundle = torch.load(path, map_location=device, weights_only=True)
-    check_is_model(path, bundle)
+def member_bundle(model: Seq2Seq) -> dict:
+    return {"config": model.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def member_of(bundle: dict) -> Seq2Seq:
     model = Seq2Seq(ModelConfig(**bundle["config"]))
     model.load_state_dict(bundle["state_dict"])
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, src_vocab, tgt_vocab, src_tokenizer, tgt_tokenizer) from a saved bundle; the model
+    is an Ensemble where the bundle has several members."""
+    bundle = torch.load(path, map_location=device, weights_only=True)
+    check_is_model(path, bundle)
+    model = member_of(bundle)
+    if bundle.get("members"):
+        model = Ensemble([model, *map(member_of, bundle["members"])])
     return (model.to(device).eval(), Vocab(bundle["src_vocab"]), Vocab(bundle["tgt_vocab"]),
             tokenizer_of(bundle["src_tokenizer"]), tokenizer_of(bundle["tgt_tokenizer"]))
 
@@ -84,3 +103,27 @@ def load_translator(path: str | Path, device: str | torch.device = "cpu"):
     lexicon = torch.load(path, map_location="cpu", weights_only=True).get("lexicon")
     return Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device,
                       lexicon=Lexicon.from_dict(lexicon) if lexicon is not None else None)
+
+
+def pack_ensemble(paths: list[Path], output: Path) -> int:
+    """Write one model file that decodes as the ensemble of the saved models at `paths` (an
+    ensemble file among them adds its members), with the first model's lexicon; returns the
+    number of members. The models must share vocabularies and tokenisers: the same ids must mean
+    the same words."""
+    if not paths:
+        raise ValueError("no models to pack")
+    loaded = [load_model(path) for path in paths]
+    model, src_vocab, tgt_vocab, src_tok, tgt_tok = loaded[0]
+    for path, (_, other_src, other_tgt, other_src_tok, other_tgt_tok) in zip(paths[1:], loaded[1:]):
+        if (other_src.itos, other_tgt.itos) != (src_vocab.itos, tgt_vocab.itos):
+            raise NotAModel(f"{path}: its vocabularies differ from {paths[0]}'s; an ensemble's models must share them "
+                            "(models trained on the same prepared data do)")
+        if (other_src_tok, other_tgt_tok) != (src_tok, tgt_tok):
+            raise NotAModel(f"{path}: its tokenisers differ from {paths[0]}'s")
+    members = [member for m, *_ in loaded for member in (m.members if isinstance(m, Ensemble) else [m])]
+    lexicon = torch.load(paths[0], map_location="cpu", weights_only=True).get("lexicon")
+    from pipeline.lexicon import Lexicon
+
+    save_model(output, Ensemble(members), src_vocab, tgt_vocab, src_tok, tgt_tok,
+               Lexicon.from_dict(lexicon) if lexicon is not None else None)
+    return len(members)
