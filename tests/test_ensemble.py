@@ -106,3 +106,19 @@ def test_models_of_other_vocabularies_are_refused_naming_the_file(tmp_path):
     result = runner.invoke(app, ["ensemble", str(first), str(other), "-o", str(tmp_path / "ab.pt")])
     assert result.exit_code == 2 and "b.pt: its vocabularies differ" in result.output, result.output
     assert not (tmp_path / "ab.pt").exists()
+
+
+def test_the_served_model_takes_an_ensemble_file_as_it_is(tmp_path):
+    """The logged model and `vamos translate --model` load through the same TranslatorModel."""
+    from pipeline.config import Params
+    from pipeline.serving import load_model_file
+
+    first, second = save(tmp_path / "a.pt", other_model(1)), save(tmp_path / "b.pt", other_model(2, hidden_size=16))
+    runner.invoke(app, ["ensemble", str(first), str(second), "-o", str(tmp_path / "ab.pt")])
+    served = load_model_file(tmp_path / "ab.pt", Params())
+    assert isinstance(served.translator.model, Ensemble)
+    lines = ["a b c", "d e f g"]
+    expected = Translator(Ensemble([other_model(1), other_model(2, hidden_size=16)]), served.translator.src_tok,
+                          served.translator.tgt_tok, served.translator.src_vocab, served.translator.tgt_vocab)
+    assert served.predict(None, lines, {"beam_size": 3}) == expected.translate(lines, beam_size=3,
+                                                                              **served.search)
