@@ -271,5 +271,14 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The `vamos` command. `vamos train` first re-executes itself under tcmalloc (pipeline/allocator.py)."""
+    if sys.argv[1:2] == ["train"]:
+        from pipeline.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
     app()
+
+
+if __name__ == "__main__":
+    main()

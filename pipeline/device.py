@@ -107,9 +107,11 @@ def host(device: torch.device) -> dict:
 
 
 def software() -> dict:
-    """Library versions and the BLAS kernels in use, for the MLflow run (not the DVC lock)."""
+    """Library versions, the allocator and the BLAS kernels in use, for the MLflow run (not the DVC lock)."""
     import numpy
 
+    from pipeline import allocator
+
     return {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
-            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "auto"),
+            "allocator": allocator.in_use(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "auto"),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}

@@ -68,10 +68,11 @@ def embed(params: Params) -> dict:
 
 
 def train(params: Params) -> dict:
+    from pipeline import allocator
     from pipeline.device import keep_freed_memory, pick_device
     from pipeline.train import train as run_training
 
-    if pick_device(params.train.device).type == "cpu":
+    if pick_device(params.train.device).type == "cpu" and allocator.in_use() == "system":
         keep_freed_memory()
     return run_training(params)
 

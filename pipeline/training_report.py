@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import storage
+from pipeline import allocator, storage
 from pipeline.checkpoint import Progress
 from pipeline.config import TrainParams
 from pipeline.device import host, peak_memory_mb, precision_name
@@ -65,7 +65,7 @@ def write_reports(progress: Progress, cfg: TrainParams, device: torch.device, ba
     # dvc.yaml): the same training on a faster machine must give the same dvc.lock.
     speed = {"train_minutes": round(progress.elapsed / 60, 2),
              "tokens_per_sec": round(progress.tokens_per_sec, 1),
-             "peak_memory_mb": round(peak_memory_mb(device), 1)}
+             "peak_memory_mb": round(peak_memory_mb(device), 1), "allocator": allocator.in_use()}
     runlog.metrics({"best_valid_bleu": progress.best_bleu, "train_minutes": speed["train_minutes"],
                     "train_tokens_per_sec": speed["tokens_per_sec"], "peak_memory_mb": speed["peak_memory_mb"],
                     "steps": progress.step} | ({} if averaged_bleu is None else {"averaged_valid_bleu": averaged_bleu}))

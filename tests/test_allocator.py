@@ -1,0 +1,51 @@
+"""The allocator `vamos train` runs under (pipeline.allocator): tcmalloc, installed by the set-up,
+taken on by re-executing the same process, and the same trained bits as the C library's malloc.
+An allocator holds for a whole process, so each case runs in a fresh one."""
+import os
+import subprocess
+import sys
+
+from pipeline.storage import file_md5, read_json
+from tests.test_train import MODEL, copy_of, embedded, set_train  # noqa: F401
+
+# Prints its pid and allocator before and after asking for tcmalloc: a re-exec runs it twice.
+PROBE = ("import os; from pipeline import allocator as a; print(os.getpid(), a.in_use(), flush=True); "
+         "a.reexec_with_tcmalloc(); print(os.getpid(), a.in_use())")
+
+
+def probe(**environment) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VAMOS_ALLOCATOR")} | environment
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_process_re_executes_itself_once_under_tcmalloc():
+    done = probe()
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")[:-1]
+    pid = lines[0].split()[0]
+    # Before: the C library's; then the same pid again from the top, under tcmalloc, and no third run.
+    assert lines == [f"{pid} system", f"{pid} tcmalloc", f"{pid} tcmalloc"]
+
+
+def test_the_system_allocator_on_request_and_a_bad_choice_named():
+    done = probe(VAMOS_ALLOCATOR="system")
+    pid = done.stdout.split()[0]
+    assert done.stdout.split("\n")[:-1] == [f"{pid} system", f"{pid} system"]
+
+    done = probe(VAMOS_ALLOCATOR="jemalloc")
+    assert done.returncode != 0
+    assert "VAMOS_ALLOCATOR='jemalloc': use one of tcmalloc, system" in done.stderr
+
+
+def test_training_gives_the_same_bits_under_either_allocator(embedded, tmp_path):  # noqa: F811
+    models = {}
+    for choice in ("system", "tcmalloc"):
+        root = copy_of(embedded, tmp_path / choice)
+        set_train(root, epochs=2)
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"VAMOS_ALLOCATOR": choice}
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert read_json(root / "reports/train_speed.json")["allocator"] == choice
+        models[choice] = file_md5(root / MODEL)
+    assert models["system"] == models["tcmalloc"]
