@@ -21,7 +21,7 @@ ALWAYS_NEGATIVE = (PAD_ID, SOS_ID)
 # oneDNN (bf16 on a CPU) builds and caches a matmul for each distinct shape. The loss's rows (a
 # batch's real target tokens) and columns (its candidate words) differ in every batch, so every
 # step built new ones, which pushed reusable ones out of the cache and grew memory all run long.
-# Padded up to these multiples, a few dozen shapes serve every batch (docs/decisions.md).
+# Padded up to these multiples, a bounded set of shapes serves every batch (docs/decisions.md).
 ROW_MULTIPLE = 64
 COLUMN_MULTIPLE = 128
 

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import html
 import itertools
-import logging
 import re
 import struct
 import unicodedata
@@ -25,7 +24,6 @@ from pipeline.align import align_verses
 from pipeline.config import (FolderSource, GettextSource, InputError, Source, SwordSource, TableSource,
                              TextPairSource, TsvSource)
 
-log = logging.getLogger(__name__)
 
 # A pair as read: (natural id or None, source side, target side). Sources yield them one at a time,
 # so that none is ever held whole (but a Bible, which is bounded).

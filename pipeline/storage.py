@@ -58,12 +58,13 @@ def split_path(split: str, root: Path = PREPARED) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
 
-    The file gets the mode a plain `open` would give (0644 under the usual umask; mkstemp's 0600
-    would hide outputs from teammates and service accounts), and reaches the disk before the
-    rename, and the rename before we return: a crash leaves the old file or the new one."""
+    The file gets `mode`, by default the one a plain `open` would give (0644 under the usual umask;
+    mkstemp's 0600 would hide outputs from teammates and service accounts), and reaches the disk
+    before the rename, and the rename before we return: a crash leaves the old file or the new one.
+    The temporary file is 0600 from its creation on, so a private file is never readable by others."""
     path = Path(path)
     with naming_the_output(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp = Path(tmp)
         try:
             yield tmp
-            os.chmod(tmp, 0o666 & ~current_umask())
+            os.chmod(tmp, 0o666 & ~current_umask() if mode is None else mode)
             fsync(tmp)
             os.replace(tmp, path)
             fsync(path.parent)

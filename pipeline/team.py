@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import configparser
 import io
-import os
 import secrets
 from pathlib import Path
 
 import typer
+
+from pipeline import storage
 
 WORKSPACE = "default"  # the workspace that clients which name none (vamos, MLflow's client) use
 EDIT, READ, USE = "EDIT", "READ", "USE"
@@ -63,14 +64,8 @@ def auth_config(auth_db: str, admin: str = "admin") -> str:
 
 def write_private(path: Path, text: str) -> None:
     """Write a file only its owner may read (mode 0600 from its creation on), whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    with storage.atomic_path(path, mode=0o600) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def user_password(secrets_dir: Path, user: str) -> str:
@@ -157,6 +152,9 @@ def mlflow_roles(tracking_uri: str = typer.Option(..., envvar="MLFLOW_TRACKING_U
     MLFLOW_TRACKING_PASSWORD). Run it again to add users; existing ones keep their passwords."""
     secrets_dir = secrets_dir.expanduser()
     members = {PIPELINE: pipeline, RELEASE_MANAGER: release_manager, READER: reader}
+    named = [user for users in members.values() for user in set(users)]
+    if twice := sorted({user for user in named if named.count(user) > 1}):
+        raise typer.BadParameter(f"a user has one vamos role, but {', '.join(twice)} is named for two")
     created = set_up_roles(tracking_uri, members, secrets_dir)
     for role, users in members.items():
         for user in users:

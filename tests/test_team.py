@@ -64,6 +64,16 @@ def test_the_config_holds_no_password_denies_by_default_and_is_private(tmp_path)
     assert not [key for key in config["mlflow"] if "password" in key]
 
 
+def test_a_user_named_for_two_roles_is_refused_before_any_request(tmp_path):
+    """ensure_user gives a user one vamos role and takes the others away: two would end as the last."""
+    done = run([*TEAM, "mlflow-roles", "--tracking-uri", "http://127.0.0.1:9", "--pipeline", "vamos-ci",
+                "--release-manager", "alice", "--reader", "alice", "--reader", "bob",
+                "--secrets", str(tmp_path / "secrets")], REPO)
+    assert done.returncode == 2
+    assert "alice is named for two" in done.stderr and "bob" not in done.stderr
+    assert not (tmp_path / "secrets").exists()  # refused before any user was made
+
+
 @pytest.fixture
 def secured_server(trained_copy, tmp_path, monkeypatch):
     """A basic-auth tracking server with workspaces, the three roles and a user in each, set up by
