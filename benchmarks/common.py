@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline import config
+from pipeline import allocator, config
 from pipeline.config import Params
 from pipeline.data import load_corpus, load_split, load_vocabs
 from pipeline.device import keep_freed_memory, pick_device
@@ -24,7 +24,10 @@ def setup(params: Params):
     torch.manual_seed(params.seed)
     device = pick_device(params.train.device)
     if device.type == "cpu":
-        keep_freed_memory()  # as `vamos train` does
+        # As `vamos train` runs: under tcmalloc (this re-executes the benchmark, once), else glibc keeping freed memory.
+        allocator.reexec_with_tcmalloc()
+        if allocator.in_use() == "system":
+            keep_freed_memory()
         if params.train.threads:
             torch.set_num_threads(params.train.threads)
     corpus = load_corpus()

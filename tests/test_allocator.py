@@ -4,7 +4,10 @@ An allocator holds for a whole process, so each case runs in a fresh one."""
 import os
 import subprocess
 import sys
+from ctypes.util import find_library
+from importlib.metadata import entry_points
 
+from pipeline.allocator import TCMALLOC
 from pipeline.storage import file_md5, read_json
 from tests.test_train import MODEL, copy_of, embedded, set_train  # noqa: F401
 
@@ -29,6 +32,7 @@ def test_the_process_re_executes_itself_once_under_tcmalloc():
 
 def test_the_system_allocator_on_request_and_a_bad_choice_named():
     done = probe(VAMOS_ALLOCATOR="system")
+    assert done.returncode == 0, done.stderr
     pid = done.stdout.split()[0]
     assert done.stdout.split("\n")[:-1] == [f"{pid} system", f"{pid} system"]
 
@@ -37,14 +41,22 @@ def test_the_system_allocator_on_request_and_a_bad_choice_named():
     assert "VAMOS_ALLOCATOR='jemalloc': use one of tcmalloc, system" in done.stderr
 
 
+def test_the_vamos_command_is_the_one_that_re_executes():
+    (vamos,) = (e for e in entry_points(group="console_scripts") if e.name == "vamos")
+    assert vamos.value == "pipeline.cli:main"  # `app` would train under the C library's allocator
+
+
 def test_training_gives_the_same_bits_under_either_allocator(embedded, tmp_path):  # noqa: F811
+    assert find_library(TCMALLOC), "no tcmalloc on this machine: run scripts/setup.sh"
     models = {}
     for choice in ("system", "tcmalloc"):
         root = copy_of(embedded, tmp_path / choice)
         set_train(root, epochs=2)
+        # The params under another name: the re-executed process must get the same arguments.
+        (root / "params.yaml").rename(root / "other.yaml")
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"VAMOS_ALLOCATOR": choice}
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train"], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "-p", "other.yaml"], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert read_json(root / "reports/train_speed.json")["allocator"] == choice
         models[choice] = file_md5(root / MODEL)
