@@ -6,7 +6,7 @@ import yaml
 from pipeline import allocator, config
 from pipeline.config import Params
 from pipeline.data import load_corpus, load_split, load_vocabs
-from pipeline.device import keep_freed_memory, pick_device
+from pipeline.device import pick_device
 from pipeline.storage import EMBEDDINGS, MODEL_FILE
 from pipeline.train import initial_model
 
@@ -26,8 +26,7 @@ def setup(params: Params):
     if device.type == "cpu":
         # As `vamos train` runs: under tcmalloc (this re-executes the benchmark, once), else glibc keeping freed memory.
         allocator.reexec_with_tcmalloc()
-        if allocator.in_use() == "system":
-            keep_freed_memory()
+        allocator.tune_for_training(device.type)
         if params.train.threads:
             torch.set_num_threads(params.train.threads)
     corpus = load_corpus()

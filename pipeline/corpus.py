@@ -13,7 +13,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,18 +100,26 @@ def hash64(texts: Iterable[str]) -> np.ndarray:
 
 @dataclass
 class CleanedChunk:
-    """What a chunk's task sends back: the drops, and for each kept pair a hash of its text and of
-    its id, in order (16 bytes a pair; the pairs themselves stay in the chunk's file)."""
+    """What a chunk's task sends back: the drops and how many pairs it kept. The pairs stay in the
+    chunk's file, and a hash of each pair's text and of its id, in order, in a file beside it
+    (`hashes_path`), so that no process holds the whole corpus's hashes."""
 
     path: str
     counts: Counter
-    pair_hashes: np.ndarray
-    id_hashes: np.ndarray
+    size: int
+
+    def hashes(self, row: int) -> np.ndarray:
+        """Row 0: the hashes of the pairs' texts; row 1: of their ids (memory-mapped)."""
+        return np.load(hashes_path(self.path), mmap_mode="r")[row]
+
+
+def hashes_path(chunk_path: str) -> str:
+    return f"{chunk_path}.hashes.npy"
 
 
 def clean_chunk(chunk: Chunk, max_words: int, max_ratio: float, folder: str) -> CleanedChunk:
     """A worker's task: clean a chunk, give pairs without a natural id a content hash of the cleaned
-    text, and write the kept pairs to `folder`."""
+    text, and write the kept pairs and their hashes to `folder`."""
     drops = Drops()
     frame = pd.DataFrame(chunk.rows, columns=["id", "src", "tgt"], dtype=object)
     frame.insert(1, "origin", chunk.origin)
@@ -122,47 +130,47 @@ def clean_chunk(chunk: Chunk, max_words: int, max_ratio: float, folder: str) -> 
     path = str(Path(folder) / storage.shard_name(chunk.index))
     pairs[COLUMNS].to_parquet(path, index=False)
     # Normalised text holds no tab, so "src<TAB>tgt" names a pair unambiguously.
-    return CleanedChunk(path, drops.counts, hash64(pairs["src"] + "\t" + pairs["tgt"]), hash64(pairs["id"]))
+    np.save(hashes_path(path), np.stack([hash64(pairs["src"] + "\t" + pairs["tgt"]), hash64(pairs["id"])]))
+    return CleanedChunk(path, drops.counts, len(pairs))
 
 
-def first_occurrences(hashes: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
-    """True where a hash is seen for the first time, in order; with `among` (a mask), only rows it
-    marks take part. Equal hashes share their top 4 bits, so each of the 16 ranges they define is
-    deduplicated alone: np.unique's sort needs several copies of what it sorts, 0.4 GB at once for
-    10M pairs, here a sixteenth of that."""
-    assert hashes.dtype == np.uint64, hashes.dtype  # signed hashes would fall outside the buckets
-    seen_first = np.zeros(len(hashes), dtype=bool)
-    bucket = (hashes >> np.uint64(60)).astype(np.uint8)
+def first_occurrences(parts: np.ndarray | Sequence[np.ndarray], among: np.ndarray | None = None) -> np.ndarray:
+    """True where a hash is seen for the first time, in order, over the hashes of `parts` (arrays,
+    maybe memory-mapped, in corpus order; or one array); with `among` (a mask), only rows it marks
+    take part. Equal hashes share their top 4 bits, so each of the 16 ranges they define is
+    deduplicated alone, gathered from the parts as it is needed: at 10M pairs a range holds 10 MB
+    of hashes and as much of positions, where the whole corpus's hashes would be 80 MB and
+    np.unique's sort several copies of them."""
+    parts = [parts] if isinstance(parts, np.ndarray) else list(parts)
+    offsets = np.cumsum([0] + [len(part) for part in parts])
+    seen_first = np.zeros(offsets[-1], dtype=bool)
     for b in range(16):
-        in_bucket = bucket == b
-        rows = np.flatnonzero(in_bucket if among is None else in_bucket & among)
-        _, first = np.unique(hashes[rows], return_index=True)
-        seen_first[rows[first]] = True
+        hashes, rows = [], []
+        for part, offset in zip(parts, offsets):
+            assert part.dtype == np.uint64, part.dtype  # signed hashes would fall outside the ranges
+            in_bucket = np.flatnonzero((part >> np.uint64(60)) == b)
+            if among is not None:
+                in_bucket = in_bucket[among[offset + in_bucket]]
+            hashes.append(part[in_bucket])
+            rows.append(offset + in_bucket)
+        if rows:
+            rows = np.concatenate(rows)
+            _, first = np.unique(np.concatenate(hashes), return_index=True)
+            seen_first[rows[first]] = True
     return seen_first
-
-
-def take_hashes(chunks: list[CleanedChunk], field: str) -> np.ndarray:
-    """One kind of hash of every chunk, concatenated; the chunks let go of theirs, which would
-    otherwise double the parent's largest arrays (8 bytes a pair each)."""
-    hashes = np.concatenate([getattr(c, field) for c in chunks] or [np.empty(0, np.uint64)])
-    for chunk in chunks:
-        setattr(chunk, field, None)
-    return hashes
 
 
 def keep_first_pairs(chunks: list[CleanedChunk], drops: Drops, no_pairs_left: Callable[[], None]) -> list[np.ndarray]:
     """Which pairs of each chunk to keep: the first of each text over the whole corpus (the rest count
-    as `duplicate`), then among those the first of each id (the rest: `duplicate_id`). At most one
-    kind of hash of the whole corpus is held at a time."""
-    sizes = [len(c.pair_hashes) for c in chunks]
-    keep = first_occurrences(take_hashes(chunks, "pair_hashes"))
+    as `duplicate`), then among those the first of each id (the rest: `duplicate_id`)."""
+    keep = first_occurrences([c.hashes(0) for c in chunks])
     drops.add("duplicate", int((~keep).sum()))
     if not keep.any():
         no_pairs_left()
-    first_id = first_occurrences(take_hashes(chunks, "id_hashes"), among=keep)
+    first_id = first_occurrences([c.hashes(1) for c in chunks], among=keep)
     drops.add("duplicate_id", int((keep & ~first_id).sum()))
     keep &= first_id
-    return np.split(keep, np.cumsum(sizes)[:-1])
+    return np.split(keep, np.cumsum([c.size for c in chunks])[:-1])
 
 
 def write_shard(task: tuple[str, np.ndarray, str]) -> int:
@@ -172,6 +180,7 @@ def write_shard(task: tuple[str, np.ndarray, str]) -> int:
     pairs.to_parquet(shard_path, index=False)
     storage.fsync(Path(shard_path))
     Path(chunk_path).unlink()
+    Path(hashes_path(chunk_path)).unlink()
     return len(pairs)
 
 

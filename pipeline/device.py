@@ -4,7 +4,6 @@ default generator of a device, memory use, and a description of the host for rep
 Used by train, evaluate, registry and serving, so none of them imports the training code."""
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import resource
@@ -54,20 +53,6 @@ def default_generator(device: torch.device) -> torch.Generator:
         return torch.default_generator
     torch.cuda.init()  # default_generators is empty until CUDA initialises
     return torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed memory for reuse: blocks above its mmap limit (32 MiB at most)
-    go back to the OS when freed, and each fresh page then costs a page fault. Full-softmax logits
-    (batch tokens x vocabulary, 160 MB) are such blocks, allocated several times a step: the
-    reference model trained 1.2x as fast with this. Nothing changes in what is computed. It holds
-    for the whole process, so only the `vamos train` stage (a process of its own) and the
-    benchmarks call it; False where the C library is not glibc."""
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    # M_MMAP_MAX 0: every block from the heap; M_TRIM_THRESHOLD: give back only a free GiB at its top.
-    return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 1 << 30))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -69,11 +69,10 @@ def embed(params: Params) -> dict:
 
 def train(params: Params) -> dict:
     from pipeline import allocator
-    from pipeline.device import keep_freed_memory, pick_device
+    from pipeline.device import pick_device
     from pipeline.train import train as run_training
 
-    if pick_device(params.train.device).type == "cpu" and allocator.in_use() == "system":
-        keep_freed_memory()
+    allocator.tune_for_training(pick_device(params.train.device).type)
     return run_training(params)
 
 

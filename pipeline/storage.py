@@ -91,7 +91,8 @@ def naming_the_output(path: Path) -> Iterator[None]:
     except OSError as error:
         if str(path) in str(error):
             raise
-        message = f"cannot write {path}: {error.strerror or error}"
+        at = f" ({error.filename})" if error.filename else ""  # a parent folder, say, at fault
+        message = f"cannot write {path}: {error.strerror or error}{at}"
         raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
 
 

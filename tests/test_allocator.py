@@ -7,7 +7,7 @@ import sys
 from ctypes.util import find_library
 from importlib.metadata import entry_points
 
-from pipeline.allocator import TCMALLOC
+from pipeline.allocator import TCMALLOC, preloaded
 from pipeline.storage import file_md5, read_json
 from tests.test_train import MODEL, copy_of, embedded, set_train  # noqa: F401
 
@@ -37,8 +37,29 @@ def test_the_system_allocator_on_request_and_a_bad_choice_named():
     assert done.stdout.split("\n")[:-1] == [f"{pid} system", f"{pid} system"]
 
     done = probe(VAMOS_ALLOCATOR="jemalloc")
-    assert done.returncode != 0
+    assert done.returncode == 2  # bad input, as a bad params.yaml
     assert "VAMOS_ALLOCATOR='jemalloc': use one of tcmalloc, system" in done.stderr
+
+
+def test_preloaded_libraries_split_as_ld_so_splits_them(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", " a.so:b.so  c.so:")
+    assert preloaded() == ["a.so", "b.so", "c.so"]
+
+
+def test_a_tcmalloc_preloaded_among_others_is_seen_and_not_loaded_twice():
+    done = probe(LD_PRELOAD=f"libm.so.6:{find_library(TCMALLOC)}")
+    assert done.returncode == 0, done.stderr
+    pid = done.stdout.split()[0]
+    assert done.stdout.split("\n")[:-1] == [f"{pid} tcmalloc", f"{pid} tcmalloc"]
+
+
+def test_keeping_freed_memory_takes_on_glibc_only_where_it_serves():
+    """The setting holds for a whole process, so try it in fresh ones."""
+    code = ("from pipeline import allocator as a; print(a.keep_freed_memory()); a.reexec_with_tcmalloc(); "
+            "print(a.tune_for_training('cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"VAMOS_ALLOCATOR": "system"})
+    assert out.stdout.split() == ["True", "system"]  # this Debian's C library is glibc
 
 
 def test_the_vamos_command_is_the_one_that_re_executes():

@@ -121,6 +121,14 @@ def test_first_occurrences_by_bucket_equal_one_sort():
     expected[first] = True
     assert np.array_equal(first_occurrences(hashes), expected)
     assert len(np.unique(hashes >> np.uint64(60))) == 16
+    # The same from the chunks' parts (as ingest reads them, one file each), also under a mask.
+    parts = np.split(hashes, [0, 7, 7, 5000, 12345])
+    assert np.array_equal(first_occurrences(parts), expected)
+    among = rng.random(len(hashes)) < 0.5
+    _, first = np.unique(hashes[among], return_index=True)
+    expected_among = np.zeros(len(hashes), dtype=bool)
+    expected_among[np.flatnonzero(among)[first]] = True
+    assert np.array_equal(first_occurrences(parts, among=among), expected_among)
     assert not first_occurrences(np.empty(0, np.uint64)).any()
 
 

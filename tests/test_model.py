@@ -90,7 +90,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     model = make_model()
     vocab_src, vocab_tgt = Vocab([f"s{i}" for i in range(26)]), Vocab([f"t{i}" for i in range(21)])
     save_model(tmp_path / "m.pt", model, vocab_src, vocab_tgt, Tokenizer("en", True), Tokenizer("es", False))
-    loaded, src_vocab, tgt_vocab, src_tok, tgt_tok = load_model(tmp_path / "m.pt")
+    loaded, src_vocab, tgt_vocab, src_tok, tgt_tok, _ = load_model(tmp_path / "m.pt")
     assert src_vocab.itos == vocab_src.itos and tgt_tok == Tokenizer("es", False)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name

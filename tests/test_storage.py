@@ -88,3 +88,13 @@ def test_a_write_that_the_filesystem_refuses_names_the_output_and_keeps_the_old_
     assert f"cannot write {target}" in result.stdout, result.stdout + result.stderr[-2000:]
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_an_output_whose_folder_cannot_be_made_names_the_output_and_the_culprit(tmp_path):
+    (tmp_path / "reports").write_text("a file where a folder should be")
+    target = tmp_path / "reports" / "plots" / "curve.png"
+    with pytest.raises(OSError) as raised:
+        with storage.atomic_path(target) as tmp:
+            tmp.write_text("never")
+    assert f"cannot write {target}" in str(raised.value)
+    assert f"({tmp_path / 'reports'}" in str(raised.value)  # the file in the way

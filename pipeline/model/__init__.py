@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from pipeline import storage
 from pipeline.model.ensemble import Ensemble
 from pipeline.model.seq2seq import ModelConfig, Seq2Seq
+from pipeline.lexicon import Lexicon
 from pipeline.text import Tokenizer, Vocab
 
 __all__ = ["ModelConfig", "Seq2Seq", "Ensemble", "NotAModel", "save_model", "load_model", "load_translator",
@@ -58,16 +60,27 @@ def member_of(bundle: dict) -> Seq2Seq:
     return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, src_vocab, tgt_vocab, src_tokenizer, tgt_tokenizer) from a saved bundle; the model
-    is an Ensemble where the bundle has several members."""
+class LoadedModel(NamedTuple):
+    model: Seq2Seq | Ensemble
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    src_tokenizer: Tokenizer
+    tgt_tokenizer: Tokenizer
+    lexicon: Lexicon | None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Everything a saved bundle holds, read once; the model is an Ensemble where the bundle has
+    several members."""
     bundle = torch.load(path, map_location=device, weights_only=True)
     check_is_model(path, bundle)
     model = member_of(bundle)
     if bundle.get("members"):
         model = Ensemble([model, *map(member_of, bundle["members"])])
-    return (model.to(device).eval(), Vocab(bundle["src_vocab"]), Vocab(bundle["tgt_vocab"]),
-            tokenizer_of(bundle["src_tokenizer"]), tokenizer_of(bundle["tgt_tokenizer"]))
+    lexicon = bundle.get("lexicon")
+    return LoadedModel(model.to(device).eval(), Vocab(bundle["src_vocab"]), Vocab(bundle["tgt_vocab"]),
+                       tokenizer_of(bundle["src_tokenizer"]), tokenizer_of(bundle["tgt_tokenizer"]),
+                       Lexicon.from_dict(lexicon) if lexicon is not None else None)
 
 
 def check_is_model(path: str | Path, bundle) -> None:
@@ -97,12 +110,9 @@ def tokenizer_of(settings: dict) -> Tokenizer:
 
 def load_translator(path: str | Path, device: str | torch.device = "cpu"):
     from pipeline.decode import Translator
-    from pipeline.lexicon import Lexicon
 
-    model, src_vocab, tgt_vocab, src_tok, tgt_tok = load_model(path, device)
-    lexicon = torch.load(path, map_location="cpu", weights_only=True).get("lexicon")
-    return Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device,
-                      lexicon=Lexicon.from_dict(lexicon) if lexicon is not None else None)
+    model, src_vocab, tgt_vocab, src_tok, tgt_tok, lexicon = load_model(path, device)
+    return Translator(model, src_tok, tgt_tok, src_vocab, tgt_vocab, device, lexicon=lexicon)
 
 
 def pack_ensemble(paths: list[Path], output: Path) -> int:
@@ -113,17 +123,13 @@ def pack_ensemble(paths: list[Path], output: Path) -> int:
     if not paths:
         raise ValueError("no models to pack")
     loaded = [load_model(path) for path in paths]
-    model, src_vocab, tgt_vocab, src_tok, tgt_tok = loaded[0]
-    for path, (_, other_src, other_tgt, other_src_tok, other_tgt_tok) in zip(paths[1:], loaded[1:]):
+    model, src_vocab, tgt_vocab, src_tok, tgt_tok, lexicon = loaded[0]
+    for path, (_, other_src, other_tgt, other_src_tok, other_tgt_tok, _) in zip(paths[1:], loaded[1:]):
         if (other_src.itos, other_tgt.itos) != (src_vocab.itos, tgt_vocab.itos):
             raise NotAModel(f"{path}: its vocabularies differ from {paths[0]}'s; an ensemble's models must share them "
                             "(models trained on the same prepared data do)")
         if (other_src_tok, other_tgt_tok) != (src_tok, tgt_tok):
             raise NotAModel(f"{path}: its tokenisers differ from {paths[0]}'s")
     members = [member for m, *_ in loaded for member in (m.members if isinstance(m, Ensemble) else [m])]
-    lexicon = torch.load(paths[0], map_location="cpu", weights_only=True).get("lexicon")
-    from pipeline.lexicon import Lexicon
-
-    save_model(output, Ensemble(members), src_vocab, tgt_vocab, src_tok, tgt_tok,
-               Lexicon.from_dict(lexicon) if lexicon is not None else None)
+    save_model(output, Ensemble(members), src_vocab, tgt_vocab, src_tok, tgt_tok, lexicon)
     return len(members)
