@@ -22,6 +22,7 @@ from pipeline import storage
 from pipeline.config import IngestParams, ParallelParams, Source
 from pipeline.parallel import shard_pool
 from pipeline.sources import CorpusError, Drops, Row, content_id, describe, normalise, source_parts
+from pipeline.text import CJK_CHARACTERS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ def read_chunks(sources: list[Source], drops: Drops, notes: dict, read: dict[str
 MAX_CHARS_PER_WORD = 25  # a side longer than max_words * this is over-long even without spaces
 
 
+def word_count(texts: pd.Series) -> pd.Series:
+    """Words per normalised text, which has one space between words: counting spaces spares a list
+    of words per side (several hundred MB for a chunk of long pairs). A Chinese or Japanese
+    character counts as a word, as their tokenisers make it one (pipeline.text), so that a pair of
+    one of those languages is not dropped for its length ratio."""
+    return texts.str.count(" ") + 1 + texts.str.count(f"[{CJK_CHARACTERS}]")
+
+
 def clean_rows(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: float) -> pd.DataFrame:
     """Apply each cleaning rule that looks at one pair alone, in turn, counting the pairs it drops."""
     frame = frame.copy()
@@ -71,10 +80,7 @@ def clean_rows(frame: pd.DataFrame, drops: Drops, max_words: int, max_ratio: flo
         frame = frame[~mask]
 
     drop((frame["src"] == "") | (frame["tgt"] == ""), "empty_side")
-    # normalise leaves one space between words: counting spaces spares a list of words per side
-    # (several hundred MB for a chunk of long pairs).
-    src_words = frame["src"].str.count(" ") + 1
-    tgt_words = frame["tgt"].str.count(" ") + 1
+    src_words, tgt_words = word_count(frame["src"]), word_count(frame["tgt"])
     too_many_chars = (frame["src"].str.len() > max_words * MAX_CHARS_PER_WORD) | (
         frame["tgt"].str.len() > max_words * MAX_CHARS_PER_WORD)
     drop((src_words > max_words) | (tgt_words > max_words) | too_many_chars, "too_long")

@@ -124,10 +124,7 @@ def evaluate_vectors(vectors, lang: str) -> dict:
 
 def plot_projection(vectors, path: Path, title: str, words: int = 150) -> None:
     """PCA of the most frequent words to 2-D, labelled: a quick look at what word2vec learned."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = storage.pyplot()
 
     keys = [k for k in vectors.index_to_key if any(c.isalpha() for c in k)][:words]
     points = np.stack([vectors[k] for k in keys])

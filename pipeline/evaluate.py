@@ -39,10 +39,7 @@ def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str], tokenizer: Tokeni
 
 
 def plot_attention(source: list[str], output: list[str], attention: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = storage.pyplot()
 
     # A search keeps one attention row per output word and none for <eos> (Hypothesis.attention), so
     # the slice takes every row there is and an "<eos>" label is drawn only for a matrix that has that row.

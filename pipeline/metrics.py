@@ -2,16 +2,13 @@
 evaluate and register score a translation, so that all three agree for every language pair."""
 from __future__ import annotations
 
+from pipeline.text import base_language
+
 # Word tokenisers for BLEU where words are not separated by spaces: sacrebleu's own for Chinese,
 # characters for Japanese, Korean and Thai (sacrebleu's MeCab tokenisers need dictionaries that
 # are not installed). Everywhere else 13a, sacrebleu's default, so English-Spanish scores are
 # those of `sacrebleu.corpus_bleu`.
 BLEU_TOKENIZERS = {"zh": "zh", "ja": "char", "ko": "char", "th": "char"}
-
-
-def base_language(lang: str) -> str:
-    """zh_CN, zh-Hans and ZH are all zh."""
-    return lang.lower().replace("-", "_").split("_")[0]
 
 
 def metric(name: str, lang: str):

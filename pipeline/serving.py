@@ -86,7 +86,7 @@ def _segmenter(lang: str):
     import pysbd
     from pysbd.languages import LANGUAGE_CODES
 
-    from pipeline.metrics import base_language
+    from pipeline.text import base_language
 
     base = base_language(lang)
     # pysbd knows 23 languages; elsewhere English's rules still split at ". ", "? " and "! ".

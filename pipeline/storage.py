@@ -1,6 +1,7 @@
 """Atomic writes and the project's file layout: an interrupted stage never leaves half a file."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -218,9 +219,32 @@ def write_parquet(path: str | Path, frame) -> None:
         frame.to_parquet(tmp, index=False)
 
 
-def save_figure(path: str | Path, figure) -> None:
+# Drawn where DejaVu Sans lacks a glyph: Chinese and Japanese labels (attention heatmaps, word
+# projections). Debian's fonts-droid-fallback, which scripts/setup.sh installs; named by its file,
+# since matplotlib's font cache may predate its install.
+CJK_FONT_FILE = Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf")
+
+
+@functools.cache
+def pyplot():
+    """matplotlib.pyplot, headless, with CJK_FONT_FILE's font as the fallback where it is installed
+    (elsewhere a CJK label is drawn as boxes, and matplotlib warns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import font_manager
+
+    if CJK_FONT_FILE.exists():
+        font_manager.fontManager.addfont(str(CJK_FONT_FILE))
+        fallback = font_manager.FontProperties(fname=str(CJK_FONT_FILE)).get_name()
+        matplotlib.rcParams["font.family"] = ["DejaVu Sans", fallback]
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(path: str | Path, figure) -> None:
+    plt = pyplot()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     plt.close(figure)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,24 @@ PAD_ID, UNK_ID, SOS_ID, EOS_ID = range(4)
 # Typographic quotes become ASCII ones so that "God’s" splits like "God's" and detokenises back.
 _QUOTES = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "«": '"', "»": '"'})
 SPACE = "\u2581"  # sentencepiece's word-start mark
+
+# Chinese and Japanese are written without spaces between words: there each character of these
+# scripts (Han, kana, CJK and fullwidth punctuation) is a token of its own, as sacrebleu's `zh`
+# tokeniser scores them. A word segmenter would need a dictionary per language; characters need
+# none, leave few words unknown, and sentencepiece can still join them (prepare.subwords).
+CHARACTER_LANGUAGES = {"zh", "ja"}
+CJK_CHARACTERS = "\u2e80-\u2fff\u3000-\u30ff\u3100-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef"
+_CJK_PUNCTUATION = "\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
+_ONE_CJK = re.compile(f"([{CJK_CHARACTERS}])")
+# Detokenised, no space between two such characters, nor beside their punctuation; a Latin word
+# among them keeps its spaces ("保存对 GNOME 的更改").
+_NEEDLESS_SPACE = re.compile(f"(?<=[{CJK_CHARACTERS}]) (?=[{CJK_CHARACTERS}])|"
+                             f" (?=[{_CJK_PUNCTUATION}])|(?<=[{_CJK_PUNCTUATION}]) ")
+
+
+def base_language(lang: str) -> str:
+    """zh_CN, zh-Hans and ZH are all zh."""
+    return lang.lower().replace("-", "_").split("_")[0]
 
 
 class _Moses(MosesTokenizer):
@@ -50,11 +69,15 @@ class Tokenizer:
 
     @functools.cached_property
     def _moses(self) -> MosesTokenizer:
-        return _Moses(lang=self.lang)
+        return _Moses(lang=base_language(self.lang))  # sacremoses knows zh, not zh_CN
 
     @functools.cached_property
     def _demoses(self) -> MosesDetokenizer:
-        return MosesDetokenizer(lang=self.lang)
+        return MosesDetokenizer(lang=base_language(self.lang))
+
+    @functools.cached_property
+    def by_character(self) -> bool:
+        return base_language(self.lang) in CHARACTER_LANGUAGES
 
     @functools.cached_property
     def _pieces(self):
@@ -73,7 +96,10 @@ class Tokenizer:
     def words(self, text: str) -> list[str]:
         """The Moses word tokens, case kept: what the serving limits count. (Lowercasing comes after
         tokenising because Moses uses case to tell a sentence end from an abbreviation.)"""
-        return self._moses.tokenize(text.translate(_QUOTES), escape=False, aggressive_dash_splits=True)
+        words = self._moses.tokenize(text.translate(_QUOTES), escape=False, aggressive_dash_splits=True)
+        if not self.by_character:
+            return words
+        return [part for word in words for part in _ONE_CJK.split(word) if part]
 
     def from_cased_all(self, sentences: Iterable[Sequence[str]]) -> tuple[list[list[str]], list[list[str]]]:
         """from_cased for many sentences of cased Moses words: (their tokens, their cased tokens)."""
@@ -110,7 +136,8 @@ class Tokenizer:
         tokens = [t for t in tokens if t not in SPECIALS or t == UNK]
         if self.subwords is not None:
             tokens = join_pieces(tokens)
-        return self._demoses.detokenize(tokens).replace(" @-@ ", "-")
+        text = self._demoses.detokenize(tokens).replace(" @-@ ", "-")
+        return _NEEDLESS_SPACE.sub("", text) if self.by_character else text
 
 
 def unmarked(word: str) -> str:

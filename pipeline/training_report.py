@@ -19,10 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = storage.pyplot()
 
     frame = pd.DataFrame(history)
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(10, 4))

@@ -16,6 +16,8 @@ apt_packages+=(nginx openssl)
 # tcmalloc, which `vamos train` runs under: less than half glibc malloc's peak memory, and faster
 # (pipeline/allocator.py).
 apt_packages+=(libtcmalloc-minimal4)
+# A font with Chinese and Japanese glyphs for the plots' labels (pipeline/storage.py's pyplot).
+apt_packages+=(fonts-droid-fallback)
 python3 -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 if ! dpkg -s "${apt_packages[@]}" >/dev/null 2>&1; then
   had_nginx=$([ -x /usr/sbin/nginx ] && echo yes || echo no)

@@ -2,7 +2,7 @@ import pandas as pd
 from hypothesis import given, strategies as st
 
 from pipeline.config import SwordSource
-from pipeline.corpus import clean_pairs, ingest
+from pipeline.corpus import clean_pairs, ingest, word_count
 from pipeline.sources import Drops
 
 
@@ -43,3 +43,11 @@ def test_cleaning_loses_no_row_without_counting_it(rows):
     assert set(kept["id"]) <= set(frame["id"])
     assert all(kept["src"].str.len() > 0) and all(kept["tgt"].str.len() > 0)
     assert not kept.duplicated(["src", "tgt"]).any()
+
+
+def test_a_chinese_character_counts_as_a_word():
+    texts = pd.Series(["The file could not be opened.", "无法打开文件。", "保存对 GNOME 的更改吗？"])
+    assert word_count(texts).tolist() == [6, 8, 11]  # (spaces + 1) + characters: near enough
+    frame = pd.DataFrame({"id": ["a"], "origin": ["t"], "src": [texts[0]], "tgt": [texts[1]]})
+    drops = Drops()
+    assert len(clean_pairs(frame, drops, max_words=80, max_ratio=3.0)) == 1, drops.as_dict()

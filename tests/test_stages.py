@@ -1,17 +1,23 @@
 """One test per stage, on the outputs of every stage run once on the tiny corpus."""
+import itertools
 import json
 import os
+import random
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
 import pandas as pd
+import pytest
+import yaml
 
 from pipeline.storage import SPLITS, read_raw_pairs
 from pipeline.embeddings import load_vectors
 from pipeline.evaluate import bleu_by_length
 from pipeline.prepare import split_of
 from pipeline.text import Tokenizer, Vocab
+from tests.conftest import small_params, use_store, write_tsv
 
 
 def read_json(path):
@@ -111,3 +117,47 @@ def test_register_makes_a_champion(trained_project):
     registry = read_json(trained_project / "reports/registry.json")
     assert registry["alias"] == "champion" and registry["version"] == 1
     assert registry["model"] == "vamos-en-es"
+
+
+# English to Chinese, where words are not separated by spaces: "The red dog sleeps." -> "红色的狗在睡觉。"
+NOUNS_ZH = {"dog": "狗", "cat": "猫", "king": "国王", "man": "男人", "horse": "马", "bird": "鸟"}
+ADJECTIVES_ZH = {"red": "红色的", "big": "大", "small": "小", "old": "老", "black": "黑色的"}
+VERBS_ZH = {"sleeps": "在睡觉", "eats": "在吃饭", "runs": "在跑步", "sings": "在唱歌", "walks": "在散步"}
+
+
+@pytest.mark.slow
+def test_english_to_chinese_runs_end_to_end(tmp_path, monkeypatch):
+    """A pair in another script, ingest to register: characters as tokens and word2vec words,
+    sacrebleu's zh tokeniser, no pair lost to the length ratio, and a model named after the pair."""
+    from pipeline.config import load_params
+    from pipeline.stages import STAGES
+
+    pairs = [(f"The {a} {n} {v}.", f"{ADJECTIVES_ZH[a]}{NOUNS_ZH[n]}{VERBS_ZH[v]}。")
+             for n, a, v in itertools.product(NOUNS_ZH, ADJECTIVES_ZH, VERBS_ZH)]
+    random.Random(0).shuffle(pairs)
+    params = small_params(**{"train.epochs": 12, "train.patience": 12})
+    params["ingest"]["sources"] = [{"kind": "folder", "name": "incoming", "path": "data/incoming"}]
+    params["prepare"].update(tgt_lang="zh_CN", lowercase_tgt=False)
+    root = tmp_path / "project"
+    (root / "data/incoming").mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_tsv(root / "data/incoming/zh.tsv", pairs)
+    use_store(monkeypatch, f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.chdir(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for stage in STAGES.values():
+            stage(load_params())
+    assert not [w for w in caught if "missing from font" in str(w.message)]  # the plots have CJK glyphs
+
+    ingest = read_json(root / "reports/ingest.json")
+    assert ingest["kept"] == len(pairs) and "length_ratio" not in ingest["dropped"]
+    assert set(Vocab.load(root / "data/prepared/vocab.tgt.json").itos) >= {"狗", "睡", "觉", "。"}
+    assert {"狗", "国", "王"} <= set(load_vectors(root / "models/embeddings/tgt.w2v").key_to_index)
+    metrics = read_json(root / "reports/metrics.json")["test"]
+    assert metrics["bleu"] > 30  # characters scored as words: the tiny grammar is learnt
+    assert read_json(root / "reports/registry.json")["model"] == "vamos-en-zh_CN"
+    from pipeline.model import load_translator
+
+    (translation,) = load_translator(root / "models/seq2seq/model.pt").translate(["The black horse sings."])
+    assert " " not in translation and translation.endswith("。")  # detokenised as Chinese is written

@@ -15,6 +15,16 @@ def test_spanish_round_trip_is_readable():
     assert tok.detokenize(tok.tokenize(text)) == text
 
 
+@pytest.mark.parametrize("lang", ["zh", "zh_CN", "zh-Hans", "ja"])
+def test_chinese_and_japanese_characters_are_tokens_and_join_again(lang):
+    tok = Tokenizer(lang, lowercase=False)
+    text = "无法打开文件：权限不够。保存对 GNOME 3.5 的更改吗？"
+    tokens = tok.tokenize(text)
+    assert tokens[:7] == ["无", "法", "打", "开", "文", "件", "："]
+    assert "GNOME" in tokens and "3.5" in tokens and tokens[-1] == "？"
+    assert tok.detokenize(tokens) == text  # no space between characters, nor beside their punctuation
+
+
 def test_vocab_specials_have_fixed_ids():
     vocab = Vocab.build([["a", "b", "a"], ["c", "a"]], min_freq=1, max_size=100)
     assert [vocab.stoi[t] for t in ("<pad>", "<unk>", "<sos>", "<eos>")] == [PAD_ID, UNK_ID, SOS_ID, EOS_ID]
