@@ -5,11 +5,16 @@ the first is also compared with the first by the registry's paired bootstrap tes
 sentences (delta, 95% interval, p-value).
 
     python benchmarks/score.py models/seq2seq/model.pt .vamos/checkpoints/*/best.pt
-    python benchmarks/score.py model.pt --split valid --set evaluate.beam_size=10"""
+    python benchmarks/score.py model.pt --split valid --set evaluate.beam_size=10
+
+`--apertium spa-eng` adds Debian's rule-based Apertium (apt: apertium-eng-spa) as a row, on the
+same source lines, and to the paired comparisons: the translator a user would otherwise pick."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -23,15 +28,32 @@ from pipeline.registry import paired_bootstrap  # noqa: E402
 from pipeline.device import pick_device  # noqa: E402
 
 
+def apertium(pair: str, sources: list[str]) -> list[str]:
+    """Apertium's translation of each source line (-u: unknown words as they are, unmarked)."""
+    done = subprocess.run(["apertium", "-u", pair], input="".join(s.replace("\n", " ") + "\n" for s in sources),
+                          capture_output=True, text=True, check=True)
+    lines = done.stdout.split("\n")[: len(sources)]
+    if len(lines) != len(sources):
+        raise RuntimeError(f"apertium {pair}: {len(lines)} lines out for {len(sources)} in")
+    return [line.strip() for line in lines]
+
+
 def main(models: list[Path], split: str = "test", data: Path = Path("data/prepared"),
-         set: list[str] = typer.Option([], "--set")) -> None:
+         set: list[str] = typer.Option([], "--set"),
+         apertium_pair: Optional[str] = typer.Option(None, "--apertium", help="also score Apertium's PAIR (spa-eng, eng-spa)")) -> None:
     params = params_with(set)
     frame = load_split(split, data)
     references = frame["tgt"].tolist()
     print(f"| model | {split} sentences | BLEU (beam {params.evaluate.beam_size}) | chrF | greedy BLEU |")
     print("|---|---|---|---|---|")
     outputs = []
-    for path in models:
+    if apertium_pair:
+        outputs.append(apertium(apertium_pair, frame["src"].tolist()))
+        rule_based = score(outputs[-1], references, params.prepare.tgt_lang)
+        print(f"| apertium {apertium_pair} | {len(frame)} | {rule_based['bleu']:.2f} | {rule_based['chrf']:.2f} | |",
+              flush=True)
+        models = [Path(f"apertium {apertium_pair}"), *models]
+    for path in models[len(outputs):]:
         translator = load_translator(path, pick_device(params.train.device))
         outputs.append(detokenize_all(translator, translate_split(translator, frame, params.evaluate)))
         lang = params.prepare.tgt_lang

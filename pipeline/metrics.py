@@ -21,7 +21,10 @@ def metric(name: str, lang: str):
     if name == "chrf":
         return metrics.CHRF()
     if name == "ter":
-        return metrics.TER(asian_support=base in BLEU_TOKENIZERS)
+        # sacrebleu's TER splits CJK characters only when it also normalises (tercom's own rules):
+        # without that a Chinese sentence is one word, and any miss is a TER of 100.
+        spaceless = base in BLEU_TOKENIZERS
+        return metrics.TER(asian_support=spaceless, normalized=spaceless)
     raise KeyError(f"no metric {name!r} (bleu, chrf, ter)")
 
 

@@ -18,6 +18,8 @@ apt_packages+=(nginx openssl)
 apt_packages+=(libtcmalloc-minimal4)
 # A font with Chinese and Japanese glyphs for the plots' labels (pipeline/storage.py's pyplot).
 apt_packages+=(fonts-droid-fallback)
+# Apertium's English-Spanish, the rule-based baseline of benchmarks/score.py --apertium.
+apt_packages+=(apertium-eng-spa)
 python3 -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 if ! dpkg -s "${apt_packages[@]}" >/dev/null 2>&1; then
   had_nginx=$([ -x /usr/sbin/nginx ] && echo yes || echo no)

@@ -11,7 +11,7 @@ from tests.conftest import small_params
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import params_with  # noqa: E402
-from score import print_paired  # noqa: E402
+from score import apertium, print_paired  # noqa: E402
 
 REFERENCES = ["the cat sat on the mat .", "a dog ran in the park .", "he went home late ."] * 10
 
@@ -31,6 +31,14 @@ def test_each_model_is_compared_with_the_first_on_every_metric_with_its_directio
     assert float(rows[("worse.pt", "bleu")][0]) < -10 and float(rows[("worse.pt", "chrf")][0]) < -10
     assert float(rows[("worse.pt", "ter")][0]) > 10  # a worse TER is higher: the column says which way is better
     assert [rows[("worse.pt", metric)][3] for metric in ("bleu", "chrf", "ter")] == ["higher", "higher", "lower"]
+
+
+def test_apertium_translates_line_for_line():
+    """Debian's rule-based translator, the baseline beside the models (scripts/setup.sh installs it)."""
+    sources = ["¿Dónde está la estación?", "", "El archivo no pudo ser abierto.\nGuardar", "Vamos."]
+    out = apertium("spa-eng", sources)
+    assert len(out) == 4 and out[1] == ""
+    assert out[0].startswith("Where") and out[2].endswith("opened. Save") and out[3] == "Go."  # a newline: a space
 
 
 def test_set_overrides_are_yaml_values_checked_as_the_flows_are(tmp_path, monkeypatch):

@@ -22,6 +22,8 @@ def test_unspaced_languages_are_scored_by_character(lang):
     hyp, ref = ["我爱北京天安门广场"], ["我爱北京天安门"]
     assert sacrebleu.corpus_bleu(hyp, [ref]).score == 0
     assert corpus_score("bleu", hyp, ref, lang) > 50
+    assert sacrebleu.corpus_ter(hyp, [ref]).score == 100
+    assert corpus_score("ter", hyp, ref, lang) == pytest.approx(100 * 2 / 7)  # 2 characters to delete, of 7
 
 
 def test_language_codes_reduce_to_their_base():
