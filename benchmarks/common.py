@@ -64,7 +64,7 @@ def decoding_setup(params: Params, data_root, split: str):
         # The trained model: it stops where a translation ends, as served (its own vocabularies).
         from pipeline.model import load_model
 
-        model, src_vocab, tgt_vocab, _, _ = load_model(MODEL_FILE, device)
+        model, src_vocab, tgt_vocab, *_ = load_model(MODEL_FILE, device)
         notes.append(f"the trained model {MODEL_FILE}")
     elif (EMBEDDINGS / "src.w2v").exists():
         model, _, _ = initial_model(params, src_vocab, tgt_vocab, EMBEDDINGS, device)

@@ -7,8 +7,9 @@ sentences (delta, 95% interval, p-value).
     python benchmarks/score.py models/seq2seq/model.pt .vamos/checkpoints/*/best.pt
     python benchmarks/score.py model.pt --split valid --set evaluate.beam_size=10
 
-`--apertium spa-eng` adds Debian's rule-based Apertium (apt: apertium-eng-spa) as a row, on the
-same source lines, and to the paired comparisons: the translator a user would otherwise pick."""
+`--apertium eng-spa` (English to Spanish; spa-eng the other way) adds Debian's rule-based Apertium
+(apt: apertium-eng-spa) as the first row, on the same source lines: the translator a user would
+otherwise pick. The paired comparisons then set each model against Apertium."""
 from __future__ import annotations
 
 import subprocess

@@ -27,8 +27,12 @@ SPACE = "\u2581"  # sentencepiece's word-start mark
 # tokeniser scores them. A word segmenter would need a dictionary per language; characters need
 # none, leave few words unknown, and sentencepiece can still join them (prepare.subwords).
 CHARACTER_LANGUAGES = {"zh", "ja"}
-CJK_CHARACTERS = "\u2e80-\u2fff\u3000-\u30ff\u3100-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef"
-_CJK_PUNCTUATION = "\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
+# Fullwidth punctuation and halfwidth katakana, not fullwidth Latin letters and digits (ＡＢＣ１２).
+_FULLWIDTH = "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff9f"
+CJK_CHARACTERS = ("\u2e80-\u2fff\u3000-\u30ff\u3100-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\ufe30-\ufe4f"
+                  + _FULLWIDTH)
+# Chinese writes typographic quotes (“保存”), kept as they are there, with no space beside them either.
+_CJK_PUNCTUATION = "\u3000-\u303f\u2018\u2019\u201c\u201d" + _FULLWIDTH
 _ONE_CJK = re.compile(f"([{CJK_CHARACTERS}])")
 # Detokenised, no space between two such characters, nor beside their punctuation; a Latin word
 # among them keeps its spaces ("保存对 GNOME 的更改").
@@ -96,9 +100,9 @@ class Tokenizer:
     def words(self, text: str) -> list[str]:
         """The Moses word tokens, case kept: what the serving limits count. (Lowercasing comes after
         tokenising because Moses uses case to tell a sentence end from an abbreviation.)"""
-        words = self._moses.tokenize(text.translate(_QUOTES), escape=False, aggressive_dash_splits=True)
         if not self.by_character:
-            return words
+            return self._moses.tokenize(text.translate(_QUOTES), escape=False, aggressive_dash_splits=True)
+        words = self._moses.tokenize(text, escape=False, aggressive_dash_splits=True)
         return [part for word in words for part in _ONE_CJK.split(word) if part]
 
     def from_cased_all(self, sentences: Iterable[Sequence[str]]) -> tuple[list[list[str]], list[list[str]]]:

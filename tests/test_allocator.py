@@ -46,6 +46,22 @@ def test_preloaded_libraries_split_as_ld_so_splits_them(monkeypatch):
     assert preloaded() == ["a.so", "b.so", "c.so"]
 
 
+def test_a_preload_that_did_not_load_is_reported_and_not_tried_again(monkeypatch, caplog):
+    """ld.so ignores a library it cannot load; LD_PRELOAD still names it, and we say so and go on
+    with the C library's allocator instead of re-executing again (in this process, which pytest
+    runs under glibc)."""
+    import pipeline.allocator as allocator
+
+    assert allocator.in_use() == "system"
+    found = allocator.ctypes.util.find_library
+    monkeypatch.setattr(allocator.ctypes.util, "find_library",
+                        lambda name: "libtcmalloc_gone.so.4" if name == allocator.TCMALLOC else found(name))
+    monkeypatch.setenv("LD_PRELOAD", "libtcmalloc_gone.so.4")
+    monkeypatch.delenv("VAMOS_ALLOCATOR", raising=False)
+    allocator.reexec_with_tcmalloc()  # returns: no exec
+    assert "LD_PRELOAD names libtcmalloc_gone.so.4 but it did not load" in caplog.text
+
+
 def test_a_tcmalloc_preloaded_among_others_is_seen_and_not_loaded_twice():
     done = probe(LD_PRELOAD=f"libm.so.6:{find_library(TCMALLOC)}")
     assert done.returncode == 0, done.stderr

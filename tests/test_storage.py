@@ -97,4 +97,4 @@ def test_an_output_whose_folder_cannot_be_made_names_the_output_and_the_culprit(
         with storage.atomic_path(target) as tmp:
             tmp.write_text("never")
     assert f"cannot write {target}" in str(raised.value)
-    assert f"({tmp_path / 'reports'}" in str(raised.value)  # the file in the way
+    assert f"({tmp_path / 'reports' / 'plots'})" in str(raised.value)  # the folder that could not be made

@@ -122,7 +122,7 @@ def test_checkpoint_carries_the_subword_models(tmp_path):
     save_model(tmp_path / "m.pt", model, *vocabs, src, tgt)
     bundle = torch.load(tmp_path / "m.pt", weights_only=True)
     assert bundle["src_tokenizer"]["subwords"].dtype == torch.uint8
-    _, _, _, src2, tgt2 = load_model(tmp_path / "m.pt")
+    _, _, _, src2, tgt2, _ = load_model(tmp_path / "m.pt")
     assert src2 == src and tgt2 == tgt
     for tok, tok2, lang in ((src, src2, "en"), (tgt, tgt2, "es")):
         for text in SENTENCES[lang]:
@@ -132,7 +132,8 @@ def test_checkpoint_carries_the_subword_models(tmp_path):
     bundle = torch.load(tmp_path / "w.pt", weights_only=True)
     assert bundle["src_tokenizer"] == {"lang": "en", "lowercase": True}
     assert bundle["tgt_tokenizer"] == {"lang": "es", "lowercase": False}
-    assert load_model(tmp_path / "w.pt")[3:] == (Tokenizer("en", True), Tokenizer("es", False))
+    loaded = load_model(tmp_path / "w.pt")
+    assert (loaded.src_tokenizer, loaded.tgt_tokenizer) == (Tokenizer("en", True), Tokenizer("es", False))
 
 
 def write_project(root, model: str, vocab_size: int = 120):

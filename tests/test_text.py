@@ -23,6 +23,9 @@ def test_chinese_and_japanese_characters_are_tokens_and_join_again(lang):
     assert tokens[:7] == ["无", "法", "打", "开", "文", "件", "："]
     assert "GNOME" in tokens and "3.5" in tokens and tokens[-1] == "？"
     assert tok.detokenize(tokens) == text  # no space between characters, nor beside their punctuation
+    quoted = "点击“保存”按钮"  # typographic quotes kept, and joined
+    assert tok.tokenize(quoted)[2] == "“" and tok.detokenize(tok.tokenize(quoted)) == quoted
+    assert tok.tokenize("ＡＢＣ１２的") == ["ＡＢＣ１２", "的"]  # fullwidth Latin is a word, not characters
 
 
 def test_vocab_specials_have_fixed_ids():
