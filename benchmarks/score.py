@@ -6,6 +6,7 @@ sentences (delta, 95% interval, p-value).
 
     python benchmarks/score.py models/seq2seq/model.pt .vamos/checkpoints/*/best.pt
     python benchmarks/score.py model.pt --split valid --set evaluate.beam_size=10
+    python benchmarks/score.py model.pt --origin software-test --apertium eng-spa
 
 `--apertium eng-spa` (English to Spanish; spa-eng the other way) adds Debian's rule-based Apertium
 (apt: apertium-eng-spa) as the first row, on the same source lines: the translator a user would
@@ -41,9 +42,14 @@ def apertium(pair: str, sources: list[str]) -> list[str]:
 
 def main(models: list[Path], split: str = "test", data: Path = Path("data/prepared"),
          set: list[str] = typer.Option([], "--set"),
+         origin: Optional[str] = typer.Option(None, help="only the split's pairs of this source (ingest.sources' name)"),
          apertium_pair: Optional[str] = typer.Option(None, "--apertium", help="also score Apertium's PAIR (spa-eng, eng-spa)")) -> None:
     params = params_with(set)
     frame = load_split(split, data)
+    if origin is not None:
+        frame = frame[frame["origin"] == origin].reset_index(drop=True)
+        if frame.empty:
+            raise typer.BadParameter(f"the {split} split has no pair of the source {origin!r}", param_hint="--origin")
     references = frame["tgt"].tolist()
     print(f"| model | {split} sentences | BLEU (beam {params.evaluate.beam_size}) | chrF | greedy BLEU |")
     print("|---|---|---|---|---|")

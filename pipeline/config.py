@@ -80,6 +80,9 @@ class GettextSource(Strict):
     name: str = "gettext"
     path: str
     catalogs: list[str] | None = None  # a folder's catalogs to read, by name (apt for apt.mo); None: all
+    # The Debian packages that carry these catalogs: scripts/setup.sh installs them, and ingest stops
+    # at a catalog that dpkg says came from another (so a fresh clone reads the same messages).
+    packages: list[str] | None = None
 
 
 Source = Annotated[Union[SwordSource, TsvSource, TableSource, TextPairSource, FolderSource, GettextSource],
@@ -114,6 +117,9 @@ class SplitParams(Strict):
     test: float = Field(0.01, gt=0, lt=0.5)
     max_valid: int = Field(1500, ge=1, le=1_000_000)
     max_test: int = Field(1500, ge=1, le=1_000_000)
+    # Sources held out whole, by name: every pair of one goes to its split, uncapped (e.g. whole
+    # gettext catalogs as a test set of another kind of text); evaluate scores each source apart.
+    hold_out: dict[str, Literal["valid", "test"]] = Field(default_factory=dict)
 
 
 class VocabParams(Strict):
@@ -323,6 +329,17 @@ class Params(Strict):
     def _split_leaves_training_data(self) -> "Params":
         if self.prepare.split.valid + self.prepare.split.test >= 0.5:
             raise ValueError("prepare.split: valid + test must leave most pairs for training")
+        return self
+
+    @model_validator(mode="after")
+    def _held_out_sources_exist(self) -> "Params":
+        names = {source.name for source in self.ingest.sources}
+        unknown = sorted(set(self.prepare.split.hold_out) - names)
+        if unknown:
+            raise ValueError(f"prepare.split.hold_out: no source named {', '.join(map(repr, unknown))} in "
+                             f"ingest.sources (names: {', '.join(sorted(names))})")
+        if names <= set(self.prepare.split.hold_out):
+            raise ValueError("prepare.split.hold_out: every source is held out, so nothing would train")
         return self
 
     @model_validator(mode="after")

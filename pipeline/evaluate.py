@@ -24,6 +24,18 @@ def score(hypotheses: list[str], references: list[str], lang: str) -> dict[str, 
     return {name: round(corpus_score(name, hypotheses, references, lang), 2) for name in METRICS}
 
 
+def score_by_source(frame: pd.DataFrame, hypotheses: list[str], lang: str) -> dict[str, dict]:
+    """Each source's scores where the test split mixes sources (a held-out catalog beside Bible
+    verses): one corpus score hides a domain the model cannot translate."""
+    if "origin" not in frame or frame["origin"].nunique() < 2:
+        return {}
+    scores = {}
+    for origin, index in frame.reset_index(drop=True).groupby("origin").groups.items():
+        hyps, refs = [hypotheses[i] for i in index], frame["tgt"].iloc[index].tolist()
+        scores[origin] = {**score(hyps, refs, lang), "sentences": len(index)}
+    return scores
+
+
 def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str], tokenizer: Tokenizer, lang: str) -> pd.DataFrame:
     """Test BLEU by source length in Moses words (not subword pieces, which vary with the model)."""
     lengths = pd.Series([len(tokenizer.words(text)) for text in frame["src"]], index=frame.index)
@@ -90,6 +102,9 @@ def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, re
     lang = translator.tgt_tok.lang
     metrics = {**score(beam_text, references, lang), "greedy": score(greedy_text, references, lang),
                "beam_size": cfg.beam_size, "sentences": len(references)}
+    by_source = score_by_source(test, beam_text, lang)
+    if by_source:
+        metrics["by_source"] = by_source
 
     by_length = bleu_by_length(test.reset_index(drop=True), beam_text, translator.src_tok, lang)
     with storage.atomic_path(reports / "bleu_by_length.csv") as tmp:

@@ -66,21 +66,32 @@ def split_of(pair_id: str, valid: float, test: float) -> str:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Which hashes are held out: below a split's fraction and, where the split is capped, at most
-    its cut-off (the largest hash kept)."""
+    """Which pairs are held out: those of a source held out whole (`whole`: origin, split code), and
+    by hash those below a split's fraction and, where the split is capped, at most its cut-off (the
+    largest hash kept)."""
 
     valid: float
     test: float
     valid_cut: int = 2**64 - 1
     test_cut: int = 2**64 - 1
+    whole: tuple[tuple[str, int], ...] = ()
 
-    def codes(self, hashes: np.ndarray) -> np.ndarray:
+    def codes(self, hashes: np.ndarray, origins: np.ndarray | None = None) -> np.ndarray:
         hashes = np.asarray(hashes, dtype=np.uint64)
         u = hash_fraction(hashes)
         codes = np.full(len(hashes), TRAIN, dtype=np.int8)
         codes[(u >= self.test) & (u < self.test + self.valid) & (hashes <= np.uint64(self.valid_cut))] = VALID
         codes[(u < self.test) & (hashes <= np.uint64(self.test_cut))] = TEST
+        if self.whole:
+            if origins is None:
+                raise ValueError("sources held out whole need each pair's origin")
+            for origin, code in self.whole:
+                codes[np.asarray(origins) == origin] = code
         return codes
+
+    def by_hash(self, origins: np.ndarray) -> np.ndarray:
+        """Which pairs the hash decides: those of no source held out whole (nor counted in the caps)."""
+        return ~np.isin(np.asarray(origins), [origin for origin, _ in self.whole])
 
 
 def capped(candidates: np.ndarray, cap: int) -> tuple[int, int]:
@@ -90,11 +101,16 @@ def capped(candidates: np.ndarray, cap: int) -> tuple[int, int]:
     return int(np.partition(candidates, cap - 1)[cap - 1]), len(candidates) - cap
 
 
+def whole_sources(cfg) -> tuple[tuple[str, int], ...]:
+    """prepare.split.hold_out as (origin, split code) pairs."""
+    return tuple((origin, SPLITS.index(split)) for origin, split in sorted(cfg.hold_out.items()))
+
+
 def held_out_split(cfg, candidates: np.ndarray) -> tuple[HeldOut, dict[str, int]]:
     u = hash_fraction(candidates)
     test_cut, test_moved = capped(candidates[u < cfg.test], cfg.max_test)
     valid_cut, valid_moved = capped(candidates[(u >= cfg.test) & (u < cfg.test + cfg.valid)], cfg.max_valid)
-    return HeldOut(cfg.valid, cfg.test, valid_cut, test_cut), {"valid": valid_moved, "test": test_moved}
+    return HeldOut(cfg.valid, cfg.test, valid_cut, test_cut, whole_sources(cfg)), {"valid": valid_moved, "test": test_moved}
 
 
 def cache_key(shard_md5: str, tokenizers: tuple[Tokenizer, Tokenizer]) -> str:
@@ -120,15 +136,16 @@ def tokenise_shard(shard: str, tokenizers: tuple[Tokenizer, Tokenizer], cache: s
         frame[HASH] = np.fromiter(map(split_hash, frame["id"]), dtype=np.uint64, count=len(frame))
         with storage.atomic_path(cached) as tmp:
             frame.to_parquet(tmp, index=False)
-    hashes = pq.read_table(cached, columns=[HASH])[HASH].to_numpy()
+    table = pq.read_table(cached, columns=[HASH, "origin"])
+    hashes, origins = table[HASH].to_numpy(), table["origin"].to_numpy(zero_copy_only=False)
     return {"path": str(cached), "from_cache": from_cache,
-            "candidates": hashes[held_out.codes(hashes) != TRAIN]}
+            "candidates": hashes[(held_out.codes(hashes, origins) != TRAIN) & held_out.by_hash(origins)]}
 
 
 def held_out_sources(cached: str, held_out: HeldOut) -> set[str]:
     """Pass 2 (a task): the source tokens of the shard's held-out pairs."""
-    table = pq.read_table(cached, columns=[HASH, "src_tokens"])
-    codes = held_out.codes(table[HASH].to_numpy())
+    table = pq.read_table(cached, columns=[HASH, "origin", "src_tokens"])
+    codes = held_out.codes(table[HASH].to_numpy(), table["origin"].to_numpy(zero_copy_only=False))
     return set(table["src_tokens"].to_numpy(zero_copy_only=False)[codes != TRAIN])
 
 
@@ -150,7 +167,7 @@ def split_shard(shard: tuple[int, str], work: str, held_out: HeldOut, sources: f
     is held out dropped; the parts' sizes, and with `count` the training part's token counts."""
     index, cached = shard
     frame = pd.read_parquet(cached)
-    codes = held_out.codes(frame[HASH].to_numpy())
+    codes = held_out.codes(frame[HASH].to_numpy(), frame["origin"].to_numpy())
     leaking = (codes == TRAIN) & frame["src_tokens"].isin(sources).to_numpy()
     result = {"pairs": {}, "leaking": int(leaking.sum()), "counts": None}
     for code, split in enumerate(SPLITS):
@@ -286,7 +303,7 @@ def prepare(params: Params) -> dict:
     storage.PREPARED_MANIFEST.unlink(missing_ok=True)  # it would vouch for files this run replaces
     word_toks = word_tokenizers(params)
     subwords = cfg.subwords.model != "none"
-    uncapped = HeldOut(cfg.split.valid, cfg.split.test)
+    uncapped = HeldOut(cfg.split.valid, cfg.split.test, whole=whole_sources(cfg.split))
     with shard_pool(params.parallel, tasks=len(shards)) as pool:
         tokenised = list(pool.map(tokenise_shard, shards, word_toks, str(cache), uncapped))
         cached = [t["path"] for t in tokenised]

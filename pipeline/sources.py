@@ -413,7 +413,16 @@ def gettext_rows(path: Path, source: GettextSource, drops: Drops, notes: dict) -
                 read += 1
                 yield f"{source.name}:{hashlib.sha1(normalise(pair[0]).encode()).hexdigest()[:16]}", *pair
     notes.setdefault("gettext_catalogs", {})[str(path)] = {
-        "language": catalog.metadata.get("Language", ""), "pairs": read, "debian": debian_package(path)}
+        "language": catalog.metadata.get("Language", ""), "pairs": read, "debian": packaged(path, source)}
+
+
+def packaged(path: Path, source: GettextSource) -> dict[str, str] | None:
+    """The catalog's Debian package and version, checked against the source's `packages`."""
+    debian = debian_package(path)
+    if source.packages is not None and debian is not None and debian["package"] not in source.packages:
+        raise CorpusError(f"{path}: installed by the Debian package {debian['package']!r}, which "
+                          f"ingest.sources ({source.name}).packages does not name ({', '.join(source.packages)})")
+    return debian
 
 
 def describe(source: Source) -> str:

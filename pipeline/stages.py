@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import storage
-from pipeline.config import Params
+from pipeline.config import METRICS, Params
 from pipeline.storage import split_path
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,16 @@ def evaluate(params: Params) -> dict:
     with mlflow.start_run(run_id=model_run_id(params)):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
         mlflow.log_metrics({f"test_greedy_{k}": v for k, v in metrics["greedy"].items()})
+        mlflow.log_metrics({f"test_{origin}_{k}": v for origin, scores in metrics.get("by_source", {}).items()
+                            for k, v in scores.items() if k in METRICS})
         mlflow.log_artifact(str(storage.REPORTS / "samples.md"))
         mlflow.log_artifact(str(storage.REPORTS / "bleu_by_length.csv"))
         mlflow.log_artifacts(str(storage.REPORTS / "attention"), "attention")
     log.info("test BLEU %.2f, chrF %.2f, TER %.2f (beam %d); greedy BLEU %.2f", metrics["bleu"], metrics["chrf"],
              metrics["ter"], metrics["beam_size"], metrics["greedy"]["bleu"])
+    for origin, scores in metrics.get("by_source", {}).items():
+        log.info("  %s: %d sentences, BLEU %.2f, chrF %.2f, TER %.2f", origin, scores["sentences"], scores["bleu"],
+                 scores["chrf"], scores["ter"])
     return metrics
 
 

@@ -20,6 +20,15 @@ apt_packages+=(libtcmalloc-minimal4)
 apt_packages+=(fonts-droid-fallback)
 # Apertium's English-Spanish, the rule-based baseline of benchmarks/score.py --apertium.
 apt_packages+=(apertium-eng-spa)
+# The packages whose Spanish gettext catalogs are the default corpus's software text: the ones
+# params.yaml's gettext sources name (tests/test_gettext.py checks that the lists agree).
+apt_packages+=(coreutils findutils diffutils grep sed gawk make bash xz-utils wget login
+  libpam-runtime adduser procps psmisc libpopt0 libc-l10n libidn2-0 libgnutls30 gnupg-l10n man-db
+  systemd dpkg libdpkg-perl gettext-base gettext git libglib2.0-data libgtk2.0-common
+  libgtk-3-common libgdk-pixbuf2.0-common libgstreamer1.0-0 gsettings-desktop-schemas
+  at-spi2-common libavahi-common-data libhandy-1-0 libsecret-common notification-daemon packagekit
+  appstream shared-mime-info xdg-user-dirs xkb-data iso-codes apt libapt-pkg6.0 python-apt-common
+  software-properties-common system-config-printer-common cups-pk-helper tar)
 python3 -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 if ! dpkg -s "${apt_packages[@]}" >/dev/null 2>&1; then
   had_nginx=$([ -x /usr/sbin/nginx ] && echo yes || echo no)

@@ -3,12 +3,15 @@ polib; plurals, contexts, fuzzy and obsolete entries, templates and help text ha
 by reason; one id for every copy of a message, whichever catalog it is in."""
 from __future__ import annotations
 
+import re
+
 import polib
 import pytest
 
 from pipeline.config import GettextSource, ParamsError, load_params
 from pipeline.corpus import ingest
 from pipeline.sources import CorpusError
+from tests.conftest import REPO
 
 
 def catalog(entries: list[polib.POEntry], plural_forms: str = "nplurals=2; plural=(n != 1);") -> polib.POFile:
@@ -139,6 +142,14 @@ def test_a_catalog_from_a_debian_package_is_named_with_its_version(tmp_path):
     assert version and report["gettext_catalogs"][path]["pairs"] > 100
 
 
+def test_a_catalog_from_a_package_the_source_does_not_name_stops_ingest():
+    path = "/usr/share/locale/es/LC_MESSAGES/apt.mo"
+    assert read(path, packages=["apt", "dpkg"])[1]["gettext_catalogs"][path]["debian"]["package"] == "apt"
+    with pytest.raises(CorpusError, match=rf"{path}: installed by the Debian package 'apt', which .*packages "
+                                          r"does not name \(dpkg\)"):
+        read(path, packages=["dpkg"])
+
+
 @pytest.mark.parametrize("src, tgt, pair", [
     ("Save _As", "Guardar co_mo", ("Save As", "Guardar como")),  # the translator's own place
     ("_File", "文件(_F)", ("File", "文件")),  # bracketed, as CJK catalogs write it
@@ -171,3 +182,12 @@ def test_a_folder_reads_each_catalog_once_and_an_empty_one_is_an_error(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match=rf"{tmp_path / 'empty'}: no gettext catalog here"):
         read(tmp_path / "empty")
+
+
+def test_set_up_installs_every_package_the_default_corpus_names():
+    """A fresh clone must read the catalogs the committed lock read: scripts/setup.sh installs them."""
+    setup = (REPO / "scripts/setup.sh").read_text()
+    installed = {name for line in re.findall(r"^apt_packages\+?=\(([^)]*)\)", setup, re.M) for name in line.split()}
+    named = {package for source in load_params(REPO / "params.yaml").ingest.sources
+             if isinstance(source, GettextSource) for package in source.packages or []}
+    assert named and named <= installed, sorted(named - installed)

@@ -143,6 +143,31 @@ def test_capped_splits_keep_the_smallest_hashes_and_never_take_a_training_pair(t
     assert after["valid"] | after["test"] != before["valid"] | before["test"]  # new pairs did come in
 
 
+def test_a_source_held_out_whole_is_all_test_uncapped_and_its_sentences_never_train(tmp_path, monkeypatch):
+    bible, catalog = corpus(300), corpus(40, start=1000).assign(origin="incoming")
+    catalog["id"] = [f"incoming:{i}" for i in range(len(catalog))]
+    copy = catalog.iloc[:3].assign(origin="bible", id=["copy.1", "copy.2", "copy.3"])  # seen in training
+    settings = {"prepare.split": {"valid": 0.2, "test": 0.2, "max_valid": 9, "max_test": 7,
+                                  "hold_out": {"incoming": "test"}}}
+    report = run_prepare(tmp_path, monkeypatch, [bible, pd.concat([catalog, copy])], **settings)
+    ids = held_out_ids(tmp_path)
+    assert set(catalog["id"]) <= ids["test"]  # every pair of the source, beyond max_test
+    u = hash_fraction([split_hash(i) for i in bible["id"]])
+    by_hash = sorted(bible["id"][u < 0.2], key=split_hash)[:7]  # the cap counts the other sources only
+    assert ids["test"] == set(catalog["id"]) | set(by_hash)
+    assert not ids["train"] & {"copy.1", "copy.2", "copy.3"}  # a held-out sentence does not train
+    assert report["pairs"]["test"] == 47 and report["dropped_train_pairs_with_held_out_source"] >= 3
+
+
+def test_a_held_out_source_must_be_a_source_and_leave_one_to_train(tmp_path, monkeypatch):
+    from pipeline.config import ParamsError
+
+    for hold_out, message in (({"nowhere": "test"}, "no source named 'nowhere'"),
+                              ({"bible": "test", "incoming": "valid"}, "nothing would train")):
+        with pytest.raises(ParamsError, match=message):
+            run_prepare(tmp_path, monkeypatch, [corpus(10)], **{"prepare.split": {"hold_out": hold_out}})
+
+
 def test_a_new_shard_is_the_only_one_tokenised_and_the_outputs_are_a_cold_runs(tmp_path, monkeypatch):
     pairs = corpus(240)
     run_prepare(tmp_path, monkeypatch, cut(pairs[:160], 2))

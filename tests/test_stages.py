@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.storage import SPLITS, read_raw_pairs
 from pipeline.embeddings import load_vectors
-from pipeline.evaluate import bleu_by_length
+from pipeline.evaluate import bleu_by_length, score_by_source
 from pipeline.prepare import split_of
 from pipeline.text import Tokenizer, Vocab
 from tests.conftest import small_params, use_store, write_tsv
@@ -102,6 +102,12 @@ def test_evaluate_scores_the_test_split(trained_project):
     assert len(list((trained_project / "reports/attention").glob("*.png"))) == 2
     assert "| id |" in (trained_project / "reports/samples.md").read_text()
     assert not pd.read_csv(trained_project / "reports/bleu_by_length.csv").empty
+    # The test split mixes the two sources, so each is also scored apart.
+    by_source = metrics["by_source"]
+    assert set(by_source) == set(test["origin"]) == {"bible", "incoming"}
+    assert sum(scores["sentences"] for scores in by_source.values()) == len(test)
+    for scores in by_source.values():
+        assert {"bleu", "chrf", "ter"} <= set(scores)
 
 
 def test_bleu_by_length_counts_moses_words_not_the_models_tokens():
@@ -111,6 +117,15 @@ def test_bleu_by_length_counts_moses_words_not_the_models_tokens():
     table = bleu_by_length(frame, frame["tgt"].tolist(), Tokenizer("en", True), "es")
     assert table.to_dict("list") == {"source_length": ["0-9", "10-19"], "sentences": [2, 1],
                                      "bleu": [100.0, 100.0]}
+
+
+def test_scores_by_source_are_each_sources_own_corpus_scores():
+    frame = pd.DataFrame({"origin": ["a", "b", "a"], "tgt": ["el perro duerme .", "gato", "la casa grande ."]})
+    hypotheses = ["el perro duerme .", "perro", "la casa grande ."]
+    scores = score_by_source(frame, hypotheses, "es")
+    assert scores["a"]["bleu"] == 100.0 and scores["a"]["sentences"] == 2
+    assert scores["b"]["chrf"] < 20 and scores["b"]["sentences"] == 1
+    assert score_by_source(frame[frame["origin"] == "a"], hypotheses[:1], "es") == {}  # one source: none
 
 
 def test_register_makes_a_champion(trained_project):
