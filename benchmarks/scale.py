@@ -58,6 +58,7 @@ def project(root: Path, corpus: Path, join: int, workers: int | None) -> None:
     if workers is not None:
         params["parallel"]["workers"] = workers
     params["ingest"]["sources"] = [{"kind": "tsv", "name": "scale", "path": str(corpus)}]
+    params["prepare"]["split"].pop("hold_out", None)  # it names the default corpus's sources
     params["ingest"]["max_words"] = params["ingest"]["max_words"] * join
     params["train"].update(max_steps=1, lexicon=False, max_minutes=None)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -51,6 +51,8 @@ def _metric_rows(reports: dict[str, dict]) -> list[tuple[str, Any]]:
     return [
         ("test BLEU (beam)", test.get("bleu", "")), ("test chrF (beam)", test.get("chrf", "")),
         ("test TER (beam)", test.get("ter", "")), ("test BLEU (greedy)", test.get("greedy", {}).get("bleu", "")),
+        *((f"test BLEU / chrF, {origin}", f"{scores['bleu']} / {scores['chrf']} ({scores['sentences']} sentences)")
+          for origin, scores in test.get("by_source", {}).items()),
         ("best valid BLEU", train.get("best_valid_bleu", "")),
         ("training minutes", speed.get("train_minutes", "")), ("stopped by", train.get("stopped_by", "")),
         ("registered", f"{registry.get('model', '')} v{registry.get('version', '')} → {registry.get('alias', '')}"),

@@ -67,4 +67,17 @@ fi
 # numpy or scipy changes the word2vec vectors' last bits, and every md5 from embed on.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# The default corpus's catalogs: an image whose dpkg excludes /usr/share/locale (path-exclude, as
+# slim images do) has the packages but not the files. Say so now, not at ingest; tests need none.
+.venv/bin/python - <<'PY' || true
+import sys
+from pipeline.config import GettextSource, load_params
+from pipeline.sources import CorpusError, gettext_files
+for source in (s for s in load_params().ingest.sources if isinstance(s, GettextSource)):
+    try:
+        gettext_files(source)
+    except CorpusError as error:
+        print(f"warning: {error}\n  the default corpus reads these catalogs: check dpkg's path-exclude rules in "
+              "/etc/dpkg/dpkg.cfg.d/ and reinstall the packages params.yaml names", file=sys.stderr)
+PY
 echo "vamos is set up in .venv (activate it with: . .venv/bin/activate)"

@@ -150,6 +150,14 @@ def test_a_catalog_from_a_package_the_source_does_not_name_stops_ingest():
         read(path, packages=["dpkg"])
 
 
+def test_a_catalog_no_package_installed_passes_the_package_check(tmp_path):
+    """Only what dpkg says is checked: a project's own .po, or a host without dpkg, reads as usual."""
+    path = tmp_path / "app.po"
+    catalog(ENTRIES).save(str(path))
+    _, report = read(path, packages=["dpkg"])
+    assert report["gettext_catalogs"][str(path)]["debian"] is None and report["gettext_catalogs"][str(path)]["pairs"]
+
+
 @pytest.mark.parametrize("src, tgt, pair", [
     ("Save _As", "Guardar co_mo", ("Save As", "Guardar como")),  # the translator's own place
     ("_File", "文件(_F)", ("File", "文件")),  # bracketed, as CJK catalogs write it

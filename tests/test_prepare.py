@@ -157,6 +157,13 @@ def test_a_source_held_out_whole_is_all_test_uncapped_and_its_sentences_never_tr
     assert ids["test"] == set(catalog["id"]) | set(by_hash)
     assert not ids["train"] & {"copy.1", "copy.2", "copy.3"}  # a held-out sentence does not train
     assert report["pairs"]["test"] == 47 and report["dropped_train_pairs_with_held_out_source"] >= 3
+    vocab = Vocab.load(tmp_path / storage.PREPARED / "vocab.src.json")
+    numbers = {token for token in vocab.stoi if token.isdigit()}
+    assert not numbers & {str(i) for i in range(1000, 1040)}  # no word of a held-out sentence
+    assert len(numbers) > 200  # the training sentences' numbers
+
+    valid = run_prepare(tmp_path, monkeypatch, [bible, catalog], **{"prepare.split": {"hold_out": {"incoming": "valid"}}})
+    assert set(catalog["id"]) <= held_out_ids(tmp_path)["valid"] and valid["pairs"]["valid"] >= len(catalog)
 
 
 def test_a_held_out_source_must_be_a_source_and_leave_one_to_train(tmp_path, monkeypatch):

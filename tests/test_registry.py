@@ -164,7 +164,8 @@ def test_champion_pyfunc_translates_text(trained_copy):
 def test_run_has_params_metrics_and_tags(trained_copy):
     run = MlflowClient().get_run(read_json(".vamos/run.json")["run_id"])
     assert run.data.params["train.hidden_size"] == "48"
-    for key in ("train_loss", "valid_loss", "valid_bleu", "test_bleu", "test_chrf", "registry_bleu"):
+    for key in ("train_loss", "valid_loss", "valid_bleu", "test_bleu", "test_chrf", "registry_bleu",
+                "test_bible_bleu", "test_incoming_chrf"):  # each source of the mixed test split too
         assert key in run.data.metrics
     assert len(MlflowClient().get_metric_history(run.info.run_id, "valid_loss")) >= 1
     assert run.data.tags["git_commit"] and "dvc.prepared_md5" in run.data.tags

@@ -82,3 +82,14 @@ def test_a_failed_metrics_diff_is_shown_with_dvcs_words():
     registered_without_alias = {**REPORTS, "registry": {**REPORTS["registry"], "alias": None}}
     assert rows(run_summary(STATUSES, registered_without_alias, {}, MlflowRun(SQLITE, RUN_ID)))[
         "model version"].endswith(", alias none")
+
+
+def test_each_source_of_a_mixed_test_split_has_a_row():
+    """The committed run's test split mixes Bible verses and held-out software messages."""
+    by_source = {"bible": {"bleu": 35.36, "chrf": 56.39, "ter": 52.75, "sentences": 281},
+                 "software-test": {"bleu": 21.6, "chrf": 49.14, "ter": 67.77, "sentences": 1573}}
+    reports = {**REPORTS, "metrics": {"test": {**REPORTS["metrics"]["test"], "by_source": by_source}}}
+    shown = rows(run_summary(STATUSES, reports, DIFF, MlflowRun(SQLITE, RUN_ID, "3")))
+    assert shown["test BLEU / chrF, bible"] == "35.36 / 56.39 (281 sentences)"
+    assert shown["test BLEU / chrF, software-test"] == "21.6 / 49.14 (1573 sentences)"
+    assert list(shown).index("test BLEU / chrF, bible") == list(shown).index("test BLEU (greedy)") + 1
