@@ -36,6 +36,14 @@ def score_by_source(frame: pd.DataFrame, hypotheses: list[str], lang: str) -> di
     return scores
 
 
+def samples_by_source(frame: pd.DataFrame, samples: int) -> list[int]:
+    """The rows shown in samples.md: the first of each source in turn, so that a mixed test split
+    shows every source (its first source alone would fill them)."""
+    origins = frame["origin"] if "origin" in frame else pd.Series(0, index=frame.index)
+    rank = origins.reset_index(drop=True).groupby(origins.to_numpy(), sort=False).cumcount()
+    return sorted(rank.sort_values(kind="stable").index[:samples])
+
+
 def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str], tokenizer: Tokenizer, lang: str) -> pd.DataFrame:
     """Test BLEU by source length in Moses words (not subword pieces, which vary with the model)."""
     lengths = pd.Series([len(tokenizer.words(text)) for text in frame["src"]], index=frame.index)
@@ -110,7 +118,7 @@ def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, re
     with storage.atomic_path(reports / "bleu_by_length.csv") as tmp:
         by_length.to_csv(tmp, index=False)
 
-    sample_rows = list(range(min(cfg.samples, len(test))))
+    sample_rows = samples_by_source(test, cfg.samples)
     lines = ["| id | source | reference | translation (beam) |", "|---|---|---|---|"]
     lines += [f"| {test['id'].iloc[i]} | {test['src'].iloc[i]} | {references[i]} | {beam_text[i]} |"
               for i in sample_rows]

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.storage import SPLITS, read_raw_pairs
 from pipeline.embeddings import load_vectors
-from pipeline.evaluate import bleu_by_length, score_by_source
+from pipeline.evaluate import bleu_by_length, samples_by_source, score_by_source
 from pipeline.prepare import split_of
 from pipeline.text import Tokenizer, Vocab
 from tests.conftest import small_params, use_store, write_tsv
@@ -126,6 +126,13 @@ def test_scores_by_source_are_each_sources_own_corpus_scores():
     assert scores["a"]["bleu"] == 100.0 and scores["a"]["sentences"] == 2
     assert scores["b"]["chrf"] < 20 and scores["b"]["sentences"] == 1
     assert score_by_source(frame[frame["origin"] == "a"], hypotheses[:1], "es") == {}  # one source: none
+
+
+def test_samples_take_each_source_in_turn():
+    frame = pd.DataFrame({"origin": ["bible"] * 5 + ["software"] * 2})
+    assert samples_by_source(frame, 4) == [0, 1, 5, 6]
+    assert samples_by_source(frame, 20) == list(range(7))
+    assert samples_by_source(frame.drop(columns="origin"), 3) == [0, 1, 2]
 
 
 def test_register_makes_a_champion(trained_project):
