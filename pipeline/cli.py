@@ -193,7 +193,8 @@ def ensemble(
 ) -> None:
     """Pack models into one model file that decodes as their ensemble (their next-word
     log-probabilities averaged at every step): for `vamos translate --model`, benchmarks/score.py
-    and serving. Each member costs its own decoding time and memory."""
+    and serving. Each member costs its own decoding time and memory. Models trained with
+    train.right_to_left, packed beside left-to-right ones, rerank the beam's n-best list instead."""
     from pipeline.model import NotAModel, pack_ensemble
 
     try:

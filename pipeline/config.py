@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PARAMS_FILE = Path("params.yaml")
 METRICS = ("bleu", "chrf", "ter")  # what evaluate and register score, all with sacrebleu
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # source names and sword variants
 
 
 class InputError(ValueError):
@@ -33,6 +35,10 @@ class SwordSource(Strict):
     src_module: str = "engWEB2015eb"
     tgt_module: str = "spaRV1909eb"
     books: list[str] | None = None  # OSIS book names to keep, e.g. [Ruth]; None keeps all
+    # A second version of the same verses (e.g. src_module: engKJV2006eb, variant: kjv): its ids get
+    # "@kjv" ("Gen.1.1@kjv"), so ingest keeps both versions, while prepare's split hashes the verse
+    # alone, so every version of a verse lands in one split. None: ids as they are ("Gen.1.1").
+    variant: str | None = None
 
 
 class TsvSource(Strict):
@@ -105,6 +111,38 @@ class IngestParams(Strict):
             raise ValueError(f"sources share the name {', '.join(map(repr, repeated))} (given, or their kind's "
                              "default): give each source a `name:` of its own")
         return self
+
+    @model_validator(mode="after")
+    def names_and_variants_are_plain(self) -> "IngestParams":
+        """A name becomes part of MLflow metric keys (test_<name>_bleu) and a variant part of pair ids
+        (Gen.1.1@kjv): letters, digits, _ . - only."""
+        for source in self.sources:
+            if not SAFE_NAME.fullmatch(source.name):
+                raise ValueError(f"source name {source.name!r} must match {SAFE_NAME.pattern} (it keys MLflow "
+                                 "metrics such as test_<name>_bleu)")
+            variant = getattr(source, "variant", None)
+            if variant is not None and not SAFE_NAME.fullmatch(variant):
+                raise ValueError(f"source {source.name!r}: variant {variant!r} must match {SAFE_NAME.pattern}")
+        return self
+
+    @model_validator(mode="after")
+    def sword_variants_are_unique(self) -> "IngestParams":
+        """Two sword sources of one variant (or both without one) give the same verse ids: ingest would
+        drop the second's verses as duplicates. A second version of the Bible needs a `variant:`."""
+        by_variant: dict[str | None, list[str]] = {}
+        for source in self.sources:
+            if isinstance(source, SwordSource):
+                by_variant.setdefault(source.variant, []).append(source.name)
+        for variant, names in by_variant.items():
+            if len(names) > 1:
+                raise ValueError(f"sword sources {', '.join(map(repr, names))} share the variant {variant!r}, so "
+                                 "their verse ids would collide: give each version a `variant:` of its own "
+                                 "(e.g. variant: kjv)")
+        return self
+
+    def sword_variants(self) -> dict[str, str]:
+        """{source name: variant} of the sword sources with a variant (prepare's split key)."""
+        return {s.name: s.variant for s in self.sources if isinstance(s, SwordSource) and s.variant is not None}
 
 
 class SplitParams(Strict):
@@ -184,6 +222,9 @@ class TrainParams(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     sampled_softmax: int = Field(3000, ge=0)  # log-uniform negatives per batch, log-Q corrected; 0 = full softmax
     input_feeding: bool = False  # feed the attentional state back (Luong); off runs the decoder LSTM in one call
+    # Train on reversed targets: a right-to-left model, to rerank a left-to-right model's n-best list
+    # (`vamos ensemble L2R.pt R2L.pt`); alone it translates as any model.
+    right_to_left: bool = False
     batch_tokens: int = Field(2500, ge=16)  # target tokens per batch
     lr: float = Field(3e-3, gt=0)
     lr_schedule: Literal["plateau", "cosine", "linear"] = "plateau"  # cosine/linear decay to the last step

@@ -69,17 +69,18 @@ class EncodedIds:
 Ids = EncodedIds | token_ids.TokenIds
 
 
-def gather(side: Ids, rows: np.ndarray, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def gather(side: Ids, rows: np.ndarray, shift: int = 0, reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The ids of `rows`, padded into a B x (`shift` + longest, at least 1) array, each row's ids
-    starting at column `shift`; and the rows' lengths. One fancy-indexed read of the (memory-
-    mapped) flat ids."""
+    starting at column `shift` (last to first with `reverse`); and the rows' lengths. One fancy-
+    indexed read of the (memory-mapped) flat ids."""
     starts = np.asarray(side.offsets[rows], dtype=np.int64)
     lengths = np.asarray(side.offsets[rows + 1], dtype=np.int64) - starts
     width = max(int(lengths.max(initial=0)) + shift, 1)
     out = np.full((len(rows), width), PAD_ID, dtype=np.int64)
     columns = np.arange(width - shift)
     present = columns[None, :] < lengths[:, None]
-    out[:, shift:][present] = side.ids[(starts[:, None] + columns[None, :])[present]]
+    offsets = lengths[:, None] - 1 - columns[None, :] if reverse else columns[None, :]
+    out[:, shift:][present] = side.ids[(starts[:, None] + offsets)[present]]
     return out, lengths
 
 
@@ -136,12 +137,15 @@ def group_starts(sorted_lengths: np.ndarray, batch_tokens: int) -> np.ndarray:
 
 class ParallelData:
     """One split encoded with the vocabularies: ids memory-mapped from prepare's files (`open`) or
-    encoded in memory (`from_frame`). `frame` holds the text where a split keeps it (validation)."""
+    encoded in memory (`from_frame`). `frame` holds the text where a split keeps it (validation).
+    With `right_to_left`, batches hold each target backwards (a right-to-left model's training)."""
 
-    def __init__(self, src: Ids, tgt: Ids, frame: pd.DataFrame | None = None, text_file: Path | None = None):
+    def __init__(self, src: Ids, tgt: Ids, frame: pd.DataFrame | None = None, text_file: Path | None = None,
+                 right_to_left: bool = False):
         if len(src) != len(tgt):
             raise ValueError(f"{text_file or 'the split'}: {len(src)} source sentences but {len(tgt)} targets")
         self.src, self.tgt, self.frame, self.text_file = src, tgt, frame, text_file
+        self.right_to_left = right_to_left
         self.tgt_lengths = side_lengths(tgt)
 
     @classmethod
@@ -151,14 +155,14 @@ class ParallelData:
                    EncodedIds(tgt_vocab.encode(s.split()) for s in frame["tgt_tokens"]), frame)
 
     @classmethod
-    def open(cls, root: Path, split: str, with_text: bool = False) -> "ParallelData":
+    def open(cls, root: Path, split: str, with_text: bool = False, right_to_left: bool = False) -> "ParallelData":
         """The split's ids memory-mapped; its text frame too if `with_text` (a small split's)."""
         text_file = storage.split_path(split, root)
         for path in (token_ids.ids_path(root, split, "src"), token_ids.ids_path(root, split, "tgt")):
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: run `vamos prepare` (it writes the binarised ids)")
         data = cls(token_ids.TokenIds(root, split, "src"), token_ids.TokenIds(root, split, "tgt"),
-                   load_split(split, root) if with_text else None, text_file)
+                   load_split(split, root) if with_text else None, text_file, right_to_left)
         if data.frame is not None and len(data.frame) != len(data):
             raise ValueError(f"{text_file} has {len(data.frame)} pairs but its ids files {len(data)}: "
                              "run `vamos prepare` again")
@@ -170,7 +174,7 @@ class ParallelData:
     def make_batch(self, rows: np.ndarray) -> Batch:
         rows = np.asarray(rows)
         src, src_len = gather(self.src, rows)  # an empty source is one <pad>, of length 1
-        tgt_in, tgt_len = gather(self.tgt, rows, shift=1)
+        tgt_in, tgt_len = gather(self.tgt, rows, shift=1, reverse=self.right_to_left)
         tgt_in[:, 0] = SOS_ID
         tgt_out = np.full_like(tgt_in, PAD_ID)
         tgt_out[:, :-1] = tgt_in[:, 1:]
@@ -245,11 +249,13 @@ class Corpus:
     tgt_vocab: Vocab
 
 
-def load_corpus(root: Path = storage.PREPARED) -> Corpus:
+def load_corpus(root: Path = storage.PREPARED, right_to_left: bool = False) -> Corpus:
     """The training split's ids memory-mapped (its text is never read whole), the validation
-    split's with its text (validation BLEU decodes the sentences; the split is small)."""
+    split's with its text (validation BLEU decodes the sentences; the split is small). With
+    `right_to_left`, both splits' batches hold the targets backwards (validation loss included)."""
     src_vocab, tgt_vocab = load_vocabs(root)
-    return Corpus(ParallelData.open(root, "train"), ParallelData.open(root, "valid", with_text=True),
+    return Corpus(ParallelData.open(root, "train", right_to_left=right_to_left),
+                  ParallelData.open(root, "valid", with_text=True, right_to_left=right_to_left),
                   src_vocab, tgt_vocab)
 
 

@@ -145,7 +145,10 @@ class SearchHistory:
     token it chose and the row it came from. Paths are read back once, at the end, instead of
     copying every hypothesis's history at every step."""
 
-    def __init__(self, batch: int, device: torch.device):
+    def __init__(self, batch: int, device: torch.device, n_best: int = 1):
+        self.n_best = n_best
+        # With n_best > 1, every hypothesis that ended: (sentence, score, step, row) tensors per step.
+        self.endings: list[tuple[torch.Tensor, ...]] = []
         self.weights: list[torch.Tensor] = []
         self.tokens: list[torch.Tensor] = []
         self.parents: list[torch.Tensor] = []
@@ -167,21 +170,45 @@ class SearchHistory:
         self.best_step[sentences] = step
         self.best_row[sentences] = rows
 
+    def end_all(self, sentences: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, step: int) -> None:
+        """Keep every candidate that ends here (finite `scores`), for the n-best lists."""
+        if self.n_best > 1:
+            ended = torch.isfinite(scores)
+            self.endings.append((sentences[ended], scores[ended], torch.full_like(rows[ended], step), rows[ended]))
+
+    def read(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        return ([w.float().cpu().numpy() for w in self.weights], [t.cpu().numpy() for t in self.tokens],
+                [p.cpu().numpy() for p in self.parents])
+
+    @staticmethod
+    def path(history, score: float, step: int, row: int, length: int) -> Hypothesis:
+        """The hypothesis that ended at `step` in `row`, read back along the parents."""
+        weights, tokens, parents = history
+        path, attention = [], []
+        for s in range(step - 1, -1, -1):
+            path.append(int(tokens[s][row]))
+            row = int(parents[s][row])
+            attention.append(weights[s][row, :length])
+        attention = np.stack(attention[::-1]) if attention else np.zeros((0, length), dtype=np.float32)
+        return Hypothesis(path[::-1], attention, score)
+
     def hypotheses(self, src_len: torch.Tensor) -> list[Hypothesis]:
-        weights = [w.float().cpu().numpy() for w in self.weights]
-        tokens = [t.cpu().numpy() for t in self.tokens]
-        parents = [p.cpu().numpy() for p in self.parents]
-        out = []
-        for score, step, row, length in zip(self.best_score.tolist(), self.best_step.tolist(),
-                                            self.best_row.tolist(), src_len.tolist()):
-            path, attention = [], []
-            for s in range(step - 1, -1, -1):
-                path.append(int(tokens[s][row]))
-                row = int(parents[s][row])
-                attention.append(weights[s][row, :length])
-            attention = np.stack(attention[::-1]) if attention else np.zeros((0, length), dtype=np.float32)
-            out.append(Hypothesis(path[::-1], attention, score))
-        return out
+        """Each sentence's best hypothesis."""
+        history = self.read()
+        return [self.path(history, *ended) for ended in zip(self.best_score.tolist(), self.best_step.tolist(),
+                                                              self.best_row.tolist(), src_len.tolist())]
+
+    def n_best_lists(self, src_len: torch.Tensor) -> list[list[Hypothesis]]:
+        """Each sentence's `n_best` best hypotheses that ended, best first."""
+        history = self.read()
+        sentences, scores, steps, rows = (torch.cat(column).tolist() for column in zip(*self.endings))
+        lengths = src_len.tolist()
+        ended: list[list[tuple]] = [[] for _ in lengths]
+        for sentence, score, step, row in zip(sentences, scores, steps, rows):
+            ended[sentence].append((score, step, row))
+        return [[self.path(history, *candidate, lengths[sentence])
+                 for candidate in sorted(candidates, key=lambda c: -c[0])[:self.n_best]]
+                for sentence, candidates in enumerate(ended)]
 
 
 @torch.no_grad()
@@ -222,20 +249,83 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int 
     price, at the sentence's length limit) and scores log p / length_penalty(length + 1, alpha).
     `scoring` goes to OutputLayer: the projection's dtype and an unk_penalty."""
     if beam_size == 1:
-        return greedy_search(model, src, src_len, max_len_ratio, shortlist, **scoring)
-    return search_beams(model, src, src_len, beam_size, alpha, max_len_ratio, shortlist, **scoring)
+        hypotheses = greedy_search(model, src, src_len, max_len_ratio, shortlist, **scoring)
+    elif rerankers(model):  # the beam's n-best list, reranked by the right-to-left members
+        n_best = beam_history(model, src, src_len, beam_size, alpha, max_len_ratio, shortlist, beam_size,
+                              **scoring).n_best_lists(src_len)
+        hypotheses = rerank(model, src, src_len, n_best, alpha)
+    else:
+        hypotheses = search_beams(model, src, src_len, beam_size, alpha, max_len_ratio, shortlist, **scoring)
+    return read_forwards(model, hypotheses)
+
+
+def rerankers(model) -> list:
+    return list(model.rerankers) if isinstance(model, Ensemble) else []
+
+
+def read_forwards(model, hypotheses: list[Hypothesis]) -> list[Hypothesis]:
+    """A right-to-left model's hypotheses in reading order (its attention rows follow its words).
+    (A model without a config, as the tests' hand-made ones, reads left to right.)"""
+    if not getattr(getattr(model, "config", None), "right_to_left", False):
+        return hypotheses
+    return [Hypothesis(h.tokens[::-1], h.attention[::-1].copy(), h.score) for h in hypotheses]
+
+
+@torch.no_grad()
+def sequence_log_probs(model, src: torch.Tensor, src_len: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+    """Each target's log-probability under `model` (a Seq2Seq): its words then <eos>, read by
+    teacher forcing, backwards for a right-to-left model. `targets` in reading order, one per row."""
+    from pipeline.data import pad
+
+    if model.config.right_to_left:
+        targets = [t[::-1] for t in targets]
+    tgt_in = pad([[SOS_ID] + t for t in targets]).to(src.device)
+    tgt_out = pad([t + [EOS_ID] for t in targets]).to(src.device)
+    attentional, _ = model(src, src_len, tgt_in)
+    log_probs = OutputLayer(model).log_probs(attentional.reshape(-1, attentional.size(-1)))
+    picked = log_probs.gather(1, tgt_out.view(-1, 1)).view(tgt_out.shape)
+    return picked.masked_fill(tgt_out == PAD_ID, 0.0).sum(1)
+
+
+def rerank(model, src: torch.Tensor, src_len: torch.Tensor, n_best: list[list[Hypothesis]],
+           alpha: float) -> list[Hypothesis]:
+    """Each sentence's best hypothesis by the mean of two length-normalised scores: the search's
+    (left to right) and the right-to-left members' mean log-probability of it (Sennrich et al.,
+    WMT 2016), so that an ending the left-to-right model liked must also make a likely beginning."""
+    rows = torch.tensor([i for i, hyps in enumerate(n_best) for _ in hyps], device=src.device)
+    candidates = [h for hyps in n_best for h in hyps]
+    targets = [h.tokens for h in candidates]
+    backwards = torch.stack([sequence_log_probs(r2l, src[rows], src_len[rows], targets)
+                             for r2l in rerankers(model)]).mean(0).tolist()
+    best, start = [], 0
+    for hyps in n_best:
+        combined = [(h.score + back / length_penalty(len(h.tokens) + 1, alpha)) / 2
+                    for h, back in zip(hyps, backwards[start:start + len(hyps)])]
+        best.append(hyps[int(np.argmax(combined))])
+        start += len(hyps)
+    return best
 
 
 @torch.no_grad()
 def search_beams(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int, alpha: float = 1.0,
                  max_len_ratio: float = 1.5, shortlist: torch.Tensor | None = None, **scoring) -> list[Hypothesis]:
     """Beam search proper, for any beam size (beam_search hands a beam of one to greedy_search)."""
+    return beam_history(model, src, src_len, beam_size, alpha, max_len_ratio, shortlist,
+                        **scoring).hypotheses(src_len)
+
+
+@torch.no_grad()
+def beam_history(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int, alpha: float = 1.0,
+                 max_len_ratio: float = 1.5, shortlist: torch.Tensor | None = None, n_best: int = 1,
+                 **scoring) -> SearchHistory:
+    """The search itself; its history holds each sentence's best hypothesis and, with `n_best`
+    above one, the best `n_best` that ended (at most the beam's size)."""
     batch, k, device = src.size(0), beam_size, src.device
     memory, state = model.encode(src, src_len)
     rows = torch.arange(batch, device=device).repeat_interleave(k)
     memory, state = memory.select(rows), state.select(rows)
     output = output_layer(model, shortlist, **scoring)
-    history = SearchHistory(batch, device)
+    history = SearchHistory(batch, device, n_best)
     sentences = torch.arange(batch, device=device)
     finished = torch.zeros(batch, dtype=torch.long, device=device)  # hypotheses ended, per sentence
     limits = max_lengths(src_len, max_len_ratio).to(device)
@@ -261,6 +351,8 @@ def search_beams(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int
         normalised = (top_scores / length_penalty(step + 1, alpha)).masked_fill(~ending, float("-inf"))
         best, rank = normalised.max(dim=1)
         history.finish(sentences, best, parent_rows.gather(1, rank.unsqueeze(1)).squeeze(1), step)
+        history.end_all(sentences.unsqueeze(1).expand_as(normalised).reshape(-1), normalised.reshape(-1),
+                        parent_rows.reshape(-1), step)
 
         # The best k candidates that did not end go on, in the sentences that are not done: a
         # sentence is done once k hypotheses have ended and the best of them beats the best that
@@ -283,7 +375,7 @@ def search_beams(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int
             sentences = sentences[going_on]
         scores = next_scores[going_on]
         state, prev = state.select(parents), tokens
-    return history.hypotheses(src_len)
+    return history
 
 
 def replace_unknowns(tokens: list[str], attention: np.ndarray, source_tokens: list[str],

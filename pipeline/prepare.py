@@ -1,8 +1,9 @@
 """prepare, shard by shard: ingest's shards are tokenised in parallel (each shard's tokens cached by
-its md5, so new data tokenises only new shards), split by a hash of the pair id with capped
-held-out splits, counted per shard into one vocabulary, and written as per-split text parquet
-(for evaluate and reports) and memory-mapped token ids (for training). The parent process holds
-no more than one shard's part, the held-out source sentences and the token counts.
+its md5, so new data tokenises only new shards), split by a hash of the pair id (split_key: every
+version of a Bible verse in one split) with capped held-out splits, counted per shard into one
+vocabulary, and written as per-split text parquet (for evaluate and reports) and memory-mapped
+token ids (for training). The parent process holds no more than one shard's part, the held-out
+source sentences and the token counts.
 
 The passes, each a pool.map over the shards (pipeline.parallel), results in shard order:
   tokenise    raw shard -> cached tokenised shard; returns the hashes of held-out candidates
@@ -21,7 +22,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -57,10 +58,20 @@ def hash_fraction(hashes: np.ndarray) -> np.ndarray:
     return np.asarray(hashes, dtype=np.uint64).astype(np.float64) / 2.0**64
 
 
-def split_of(pair_id: str, valid: float, test: float) -> str:
-    """A pair's split before the caps, from a hash of its stable id: the same pair always lands in
-    the same split, however the corpus grows."""
-    u = split_hash(pair_id) / 2**64
+def split_key(pair_id: str, origin: str, variants: Mapping[str, str]) -> str:
+    """What the split hashes for a pair: its id, less the "@<variant>" that a sword source with a
+    `variant` (`variants`: {source name: variant}) appends to its own pairs' ids, so that every
+    version of a verse ("Gen.1.1", "Gen.1.1@kjv") lands in one split. Any other id, "@" or not, is
+    hashed as it is."""
+    variant = variants.get(origin)
+    return pair_id if variant is None else pair_id.removesuffix(f"@{variant}")
+
+
+def split_of(pair_id: str, valid: float, test: float, origin: str = "",
+             variants: Mapping[str, str] | None = None) -> str:
+    """A pair's split before the caps, from a hash of its stable id (its split_key): the same pair
+    always lands in the same split, however the corpus grows."""
+    u = split_hash(split_key(pair_id, origin, variants or {})) / 2**64
     return "test" if u < test else "valid" if u < test + valid else "train"
 
 
@@ -113,27 +124,39 @@ def held_out_split(cfg, candidates: np.ndarray) -> tuple[HeldOut, dict[str, int]
     return HeldOut(cfg.valid, cfg.test, valid_cut, test_cut, whole_sources(cfg)), {"valid": valid_moved, "test": test_moved}
 
 
-def cache_key(shard_md5: str, tokenizers: tuple[Tokenizer, Tokenizer]) -> str:
+def cache_key(shard_md5: str, tokenizers: tuple[Tokenizer, Tokenizer], variants: Mapping[str, str]) -> str:
     import sacremoses
 
     # The code that tokenises is part of the key: an edit to it reruns prepare (DVC) and must not
-    # then be answered from the cache.
+    # then be answered from the cache. The shard's sources' variants change its split hashes.
     code = {name: storage.file_md5(Path(__file__).with_name(name)) for name in ("text.py", "prepare.py")}
     settings = {"shard_md5": shard_md5, "format": TOKENISED_FORMAT, "sacremoses": sacremoses.__version__,
-                "tokenizers": [[t.lang, t.lowercase] for t in tokenizers], "code": code}
+                "tokenizers": [[t.lang, t.lowercase] for t in tokenizers], "code": code, "variants": dict(variants)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def tokenise_shard(shard: str, tokenizers: tuple[Tokenizer, Tokenizer], cache: str, held_out: HeldOut) -> dict:
-    """Pass 1 (a task): the shard's Moses tokens and split hashes, from the cache or made and cached;
-    returns the cached file and the hashes of its held-out candidates (before the caps)."""
-    cached = Path(cache) / f"{cache_key(storage.file_md5(shard), tokenizers)}.parquet"
+def shard_variants(shard: str, variants: Mapping[str, str]) -> dict[str, str]:
+    """The variants of the shard's own sources: adding a variant source leaves the others' shards cached."""
+    if not variants:
+        return {}
+    origins = set(pq.read_table(shard, columns=["origin"])["origin"].to_pylist())
+    return {origin: variant for origin, variant in variants.items() if origin in origins}
+
+
+def tokenise_shard(shard: str, tokenizers: tuple[Tokenizer, Tokenizer], cache: str, held_out: HeldOut,
+                   variants: Mapping[str, str]) -> dict:
+    """Pass 1 (a task): the shard's Moses tokens and split hashes (of split_key, with `variants`:
+    {sword source name: variant}), from the cache or made and cached; returns the cached file and
+    the hashes of its held-out candidates (before the caps)."""
+    variants = shard_variants(shard, variants)
+    cached = Path(cache) / f"{cache_key(storage.file_md5(shard), tokenizers, variants)}.parquet"
     from_cache = cached.exists()
     if not from_cache:
         frame = pd.read_parquet(shard, columns=RAW_COLUMNS)
         for side, tokenizer in zip(SIDES, tokenizers):
             frame[f"{side}_tokens"] = [" ".join(tokenizer.tokenize(text)) for text in frame[side]]
-        frame[HASH] = np.fromiter(map(split_hash, frame["id"]), dtype=np.uint64, count=len(frame))
+        keys = (split_key(i, origin, variants) for i, origin in zip(frame["id"], frame["origin"]))
+        frame[HASH] = np.fromiter(map(split_hash, keys), dtype=np.uint64, count=len(frame))
         with storage.atomic_path(cached) as tmp:
             frame.to_parquet(tmp, index=False)
     table = pq.read_table(cached, columns=[HASH, "origin"])
@@ -305,7 +328,8 @@ def prepare(params: Params) -> dict:
     subwords = cfg.subwords.model != "none"
     uncapped = HeldOut(cfg.split.valid, cfg.split.test, whole=whole_sources(cfg.split))
     with shard_pool(params.parallel, tasks=len(shards)) as pool:
-        tokenised = list(pool.map(tokenise_shard, shards, word_toks, str(cache), uncapped))
+        tokenised = list(pool.map(tokenise_shard, shards, word_toks, str(cache), uncapped,
+                                  params.ingest.sword_variants()))
         cached = [t["path"] for t in tokenised]
         from_cache = sum(t["from_cache"] for t in tokenised)
         log.info("tokenised %d shards, %d from the cache", len(shards) - from_cache, from_cache)

@@ -143,7 +143,8 @@ def read_sword_pairs(source: SwordSource, drops: Drops, notes: dict) -> list[Row
     drops.add("repaired_verses_realigned", sum(1 for s, t in pairs if s != t))
     notes.setdefault("realigned_chapters", []).extend(realigned)
     notes.setdefault("misaligned_chapters_left_out", []).extend(misaligned)
-    return [(s, src[s], tgt[t]) for s, t in pairs]
+    suffix = "" if source.variant is None else f"@{source.variant}"  # another version: ids of its own
+    return [(s + suffix, src[s], tgt[t]) for s, t in pairs]
 
 
 # ---------------------------------------------------------------- tab-separated pairs and tables

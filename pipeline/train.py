@@ -54,7 +54,7 @@ def initial_model(params: Params, src_vocab, tgt_vocab, embeddings: Path,
         src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), emb_size=src_init.size(1), hidden_size=cfg.hidden_size,
         encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers, bidirectional=cfg.bidirectional,
         attention=cfg.attention, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
-        input_feeding=cfg.input_feeding))
+        input_feeding=cfg.input_feeding, right_to_left=cfg.right_to_left))
     model.load_embeddings(src_init, tgt_init)
     if cfg.freeze_embeddings:
         model.freeze_embeddings()
@@ -325,7 +325,7 @@ def _train(params: Params, dist: distributed.Distributed, device: torch.device, 
     cfg = params.train
     if device.type == "cpu":  # `threads` is per process; 0: all cores, a fair share of them per DDP rank
         torch.set_num_threads(cfg.threads or distributed.threads_per_rank(os.cpu_count() or 1, dist.local_world_size))
-    corpus = load_corpus(prepared)
+    corpus = load_corpus(prepared, right_to_left=cfg.right_to_left)
     src_tok, tgt_tok = tokenizers(params, prepared)
     model, src_cov, tgt_cov = initial_model(params, corpus.src_vocab, corpus.tgt_vocab, embeddings, device)
     log.info("model: %s parameters; embedding coverage src %.1f%%, tgt %.1f%%",

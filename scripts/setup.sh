@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 apt_packages=(sword-text-web sword-text-sparv)   # the World English Bible and Reina-Valera 1909
+# The King James Version (engKJV2006eb), small: the README's multi-version recipe (variant: kjv).
+apt_packages+=(sword-text-kjv)
 # Headless Chromium for the MLflow UI browser test (tests/test_mlflow_ui.py), driven by Playwright
 # from PyPI with executable_path=/usr/bin/chromium: never `playwright install` (no browser download).
 apt_packages+=(chromium)

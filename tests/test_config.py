@@ -51,6 +51,40 @@ def test_two_sources_of_one_name_are_rejected(tmp_path):
         load_params(write(tmp_path, params))
 
 
+def test_two_sword_sources_of_one_variant_are_rejected_by_name(tmp_path):
+    """Their verse ids would collide: the second version's verses dropped as duplicates."""
+    bible = {"kind": "sword", "name": "bible"}
+    for variants in ((None, None), ("kjv", "kjv")):
+        params = small_params()
+        params["ingest"]["sources"] = [{**bible, "variant": variants[0]},
+                                       {**bible, "name": "bible-kjv", "src_module": "engKJV2006eb",
+                                        "variant": variants[1]}]
+        with pytest.raises(ParamsError, match=rf"sword sources 'bible', 'bible-kjv' share the variant "
+                                              rf"{re.escape(repr(variants[0]))}"):
+            load_params(write(tmp_path, params))
+    params["ingest"]["sources"][0]["variant"] = None  # one version without a variant, one with: fine
+    assert load_params(write(tmp_path, params)).ingest.sword_variants() == {"bible-kjv": "kjv"}
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"kind": "tsv", "name": "my corpus", "path": "a.tsv"}, r"source name 'my corpus' must match"),
+    ({"kind": "folder", "name": "in/coming", "path": "x"}, r"source name 'in/coming' must match"),
+    ({"kind": "sword", "name": "bible-kjv", "variant": "k j v"}, r"source 'bible-kjv': variant 'k j v' must match"),
+    ({"kind": "sword", "name": "bible-kjv", "variant": "kjv@1"}, r"source 'bible-kjv': variant 'kjv@1' must match"),
+])
+def test_source_names_and_variants_must_be_plain(tmp_path, source, message):
+    """Names key MLflow metrics (test_<name>_bleu); variants end pair ids (Gen.1.1@kjv)."""
+    params = small_params()
+    params["ingest"]["sources"].append(source)
+    with pytest.raises(ParamsError, match=rf"ingest: .*{message}"):
+        load_params(write(tmp_path, params))
+
+
+def test_the_project_source_names_are_plain():
+    names = [source.name for source in load_params(REPO / "params.yaml").ingest.sources]
+    assert {"bible", "software", "software-test", "incoming"} <= set(names)
+
+
 def test_split_must_leave_training_data(tmp_path):
     params = small_params()
     params["prepare"]["split"] = {"valid": 0.3, "test": 0.3}

@@ -134,3 +134,18 @@ def test_prefetched_builds_every_item_in_order_and_stops_early():
         if i == 2:
             break
     assert built == [0, 1, 2, 3]  # one ahead, no more
+
+
+def test_right_to_left_batches_hold_each_target_backwards(tmp_path):
+    """What a right-to-left model trains on: the same rows with each target reversed (its <eos>
+    still last), sources and lengths untouched; empty targets included."""
+    rng = np.random.default_rng(5)
+    src, tgt = random_ids(rng, 120, 20, 40), random_ids(rng, 120, 20, 40)
+    tgt[4] = []
+    mapped(tmp_path, src, tgt)
+    backward = ParallelData.open(tmp_path, "train", right_to_left=True)
+    rows = np.array([4, 0, 7, 33, 119, 60])
+    batch = backward.make_batch(rows)
+    for name, tensor in reference_batch(src, [t[::-1] for t in tgt], rows).items():
+        assert torch.equal(getattr(batch, name), tensor), name
+    assert not torch.equal(batch.tgt_in, ParallelData.open(tmp_path, "train").make_batch(rows).tgt_in)

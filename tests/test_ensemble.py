@@ -9,10 +9,11 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.decode import OutputLayer, Translator, beam_search
+from pipeline.decode import (OutputLayer, Translator, beam_history, beam_search, length_penalty, search_beams,
+                             sequence_log_probs)
 from pipeline.model import ModelConfig, Seq2Seq, load_translator, save_model
 from pipeline.model.ensemble import Ensemble
-from pipeline.text import SOS_ID, Tokenizer, Vocab
+from pipeline.text import EOS_ID, SOS_ID, Tokenizer, Vocab
 from tests.test_model import make_model, source_batch
 
 runner = CliRunner()
@@ -122,3 +123,97 @@ def test_the_served_model_takes_an_ensemble_file_as_it_is(tmp_path):
                           served.translator.tgt_tok, served.translator.src_vocab, served.translator.tgt_vocab)
     assert served.predict(None, lines, {"beam_size": 3}) == expected.translate(lines, beam_size=3,
                                                                               **served.search)
+
+
+# ---------------------------------------------------------------- right-to-left models and reranking
+
+def backward_model(seed: int = 3, **kw) -> Seq2Seq:
+    return other_model(seed, right_to_left=True, **kw)
+
+
+@torch.no_grad()
+def stepped_log_prob(model: Seq2Seq, src, src_len, row: int, tokens: list[int]) -> float:
+    """log p(tokens, <eos>) of one row, the decoder stepped word by word (backwards for a
+    right-to-left model): an independent reading of what sequence_log_probs computes batched."""
+    words = (tokens[::-1] if model.config.right_to_left else tokens) + [EOS_ID]
+    memory, state = model.encode(src[row:row + 1], src_len[row:row + 1])
+    prev, total = torch.tensor([SOS_ID]), 0.0
+    for word in words:
+        attentional, state, _ = model.decoder.step(prev, state, memory)
+        total += float(OutputLayer(model).log_probs(attentional)[0, word])
+        prev = torch.tensor([word])
+    return total
+
+
+def test_a_right_to_left_model_alone_reads_its_output_backwards():
+    model = backward_model()
+    src, src_len = source_batch()
+    raw = search_beams(model, src, src_len, beam_size=3)
+    read = beam_search(model, src, src_len, beam_size=3)
+    for r, h in zip(raw, read):
+        assert h.tokens == r.tokens[::-1] and h.score == r.score
+        assert np.array_equal(h.attention, r.attention[::-1])
+    assert any(len(h.tokens) > 1 for h in read)  # the reversal is seen
+
+
+def test_the_n_best_list_is_sorted_bounded_and_led_by_the_beams_best():
+    model = make_model()
+    src, src_len = source_batch()
+    n_best = beam_history(model, src, src_len, beam_size=4, n_best=4).n_best_lists(src_len)
+    best = search_beams(model, src, src_len, beam_size=4)
+    for hyps, one in zip(n_best, best):
+        assert 2 <= len(hyps) <= 4
+        assert hyps[0].tokens == one.tokens and hyps[0].score == one.score
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == len(hyps)
+
+
+def test_sequence_log_probs_match_the_decoder_stepped_word_by_word():
+    src, src_len = source_batch()
+    targets = [[3, 4, 5], [6]]
+    for model in (make_model(), backward_model()):
+        batched = sequence_log_probs(model, src, src_len, targets).tolist()
+        assert batched == pytest.approx([stepped_log_prob(model, src, src_len, i, t) for i, t in enumerate(targets)],
+                                        abs=1e-5)
+
+
+def test_right_to_left_members_rerank_the_forward_n_best_list():
+    """[left-to-right, right-to-left]: the forward model searches alone, and each sentence's output
+    is the n-best candidate of the best mean of the two length-normalised scores, computed here by
+    stepping the backward model word by word."""
+    forward, backward = make_model(), backward_model(src_vocab=30, tgt_vocab=25)
+    ensemble = Ensemble([forward, backward]).eval()
+    assert list(ensemble.members) == [forward] and list(ensemble.rerankers) == [backward]
+    src, src_len = source_batch()
+    alpha = 1.0
+    n_best = beam_history(forward, src, src_len, beam_size=4, alpha=alpha, n_best=4).n_best_lists(src_len)
+    chosen = beam_search(ensemble, src, src_len, beam_size=4, alpha=alpha)
+    for row, (hyps, out) in enumerate(zip(n_best, chosen)):
+        combined = [(h.score + stepped_log_prob(backward, src, src_len, row, h.tokens)
+                     / length_penalty(len(h.tokens) + 1, alpha)) / 2 for h in hyps]
+        assert out.tokens == hyps[int(np.argmax(combined))].tokens
+    alone = beam_search(forward, src, src_len, beam_size=4, alpha=alpha)
+    assert [h.tokens for h in chosen] != [h.tokens for h in alone]  # the reranking changed an output
+    # Greedy decoding has no list to rerank: the forward model's own output.
+    assert [h.tokens for h in beam_search(ensemble, src, src_len, beam_size=1)] == \
+           [h.tokens for h in beam_search(forward, src, src_len, beam_size=1)]
+    # Backward models alone search (backwards), reranking nothing.
+    alone = Ensemble([backward]).eval()
+    assert len(alone.rerankers) == 0
+    assert [h.tokens for h in beam_search(alone, src, src_len, beam_size=3)] == \
+           [h.tokens for h in beam_search(backward, src, src_len, beam_size=3)]
+
+
+def test_a_packed_reranker_survives_saving(tmp_path):
+    forward, backward = other_model(1), backward_model()
+    runner.invoke(app, ["ensemble", str(save(tmp_path / "f.pt", forward)), str(save(tmp_path / "b.pt", backward)),
+                        "-o", str(tmp_path / "fb.pt")])
+    loaded = load_translator(tmp_path / "fb.pt").model
+    assert len(loaded.members) == 1 and len(loaded.rerankers) == 1 and loaded.rerankers[0].config.right_to_left
+    assert [h.tokens for h in outputs_of(loaded)] == [h.tokens for h in outputs_of(Ensemble([forward, backward]).eval())]
+    # A forward model's file has no right_to_left key: files saved before the option are unchanged.
+    assert "right_to_left" not in torch.load(tmp_path / "f.pt", weights_only=True)["config"]
+
+
+def outputs_of(model):
+    return beam_search(model, *source_batch(), beam_size=3, max_len_ratio=2.0)

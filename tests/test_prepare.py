@@ -3,8 +3,10 @@ real Dask cluster; capped held-out splits that never take a training pair; a cac
 tokenises only new shards; token ids that are the vocabulary's encoding of the tokens."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import pipeline.prepare
 from dask_cluster import dask_scheduler  # noqa: F401
 from pipeline import storage, token_ids
 from pipeline.config import load_params
-from pipeline.prepare import CACHE, hash_fraction, sample_rows, split_hash
+from pipeline.prepare import CACHE, hash_fraction, sample_rows, split_hash, split_key, split_of
 from pipeline.stages import prepare
 from pipeline.storage import SPLITS
 from pipeline.text import Vocab
@@ -173,6 +175,48 @@ def test_a_held_out_source_must_be_a_source_and_leave_one_to_train(tmp_path, mon
                               ({"bible": "test", "incoming": "valid"}, "nothing would train")):
         with pytest.raises(ParamsError, match=message):
             run_prepare(tmp_path, monkeypatch, [corpus(10)], **{"prepare.split": {"hold_out": hold_out}})
+
+
+def test_a_verses_versions_always_fall_in_one_split(tmp_path, monkeypatch):
+    """Ruth.1.1 and Ruth.1.1@kjv (a sword source with `variant: kjv`) are both kept and always share
+    a split, so no test verse trains in another wording; another source's id ending in "@kjv" is
+    hashed whole. A variant added later retokenises only the shards of its source."""
+    web = corpus(300).assign(origin="bible")
+    kjv = web.assign(origin="bible-kjv", id=web["id"] + "@kjv", src=web["src"].str.replace("sleeps", "sleepeth"))
+    table = corpus(200, start=1000).assign(origin="tab", id=[f"tab:{i}@kjv" for i in range(200)])
+    shards = [web, kjv[:150].reset_index(drop=True), pd.concat([kjv[150:], table], ignore_index=True)]
+    split = {"prepare.split": {"valid": 0.2, "test": 0.2}}
+    bible, tab = {"kind": "sword", "name": "bible"}, {"kind": "table", "name": "tab", "path": "tab.csv"}
+    kjv_as_a_table = {"kind": "table", "name": "bible-kjv", "path": "kjv.csv"}
+    kjv_version = {"kind": "sword", "name": "bible-kjv", "src_module": "engKJV2006eb", "variant": "kjv"}
+
+    def splits() -> dict[str, str]:
+        return {i: s for s, f in frames(tmp_path).items() for i in f["id"]}
+
+    run_prepare(tmp_path, monkeypatch, shards, **split, **{"ingest.sources": [bible, kjv_as_a_table, tab]})
+    assert any(splits()[i] != splits()[f"{i}@kjv"] for i in web["id"])  # no variant: ids hashed whole
+
+    report = run_prepare(tmp_path, monkeypatch, shards, **split, **{"ingest.sources": [bible, kjv_version, tab]})
+    assert (report["shards_tokenised"], report["shards_from_cache"]) == (2, 1)  # the web verses' shard: cached
+    where = splits()
+    assert len(where) == sum(report["pairs"].values()) == 800  # both versions kept, nothing dropped
+    assert all(where[i] == where[f"{i}@kjv"] for i in web["id"])
+    assert min(Counter(where[i] for i in web["id"]).values()) > 40  # every split has many verses
+    variants = {"bible-kjv": "kjv"}
+    assert all(where[i] == split_of(i, 0.2, 0.2, "bible-kjv", variants) == split_of(verse, 0.2, 0.2)
+               for i, verse in zip(kjv["id"], web["id"]))
+    # tab's "@kjv" is its own: its ids are hashed whole, many then in another split than without "@kjv"
+    assert all(where[i] == split_of(i, 0.2, 0.2, "tab", variants) == split_of(i, 0.2, 0.2) for i in table["id"])
+    assert sum(where[i] != split_of(i.removesuffix("@kjv"), 0.2, 0.2) for i in table["id"]) > 40
+
+
+def test_only_a_configured_variant_leaves_the_split_key():
+    variants = {"bible-kjv": "kjv"}
+    assert split_key("Gen.1.1@kjv", "bible-kjv", variants) == "Gen.1.1"
+    assert split_key("Gen.1.1", "bible", variants) == "Gen.1.1"
+    for pair_id, origin in (("a@b", "tab"), ("tab:a@kjv", "tab"), ("Gen.1.1@esv", "bible-kjv")):
+        assert split_key(pair_id, origin, variants) == pair_id  # hashed as it always was
+    assert split_hash("a@b") == int.from_bytes(hashlib.sha256(b"a@b").digest()[:8], "big") != split_hash("a")
 
 
 def test_a_new_shard_is_the_only_one_tokenised_and_the_outputs_are_a_cold_runs(tmp_path, monkeypatch):

@@ -4,7 +4,9 @@ import unicodedata
 import pytest
 from hypothesis import given, strategies as st
 
-from pipeline.sources import CorpusError, Drops, normalise, osis_to_text, read_sword_module, tsv_rows
+from pipeline.config import SwordSource
+from pipeline.sources import (CorpusError, Drops, normalise, osis_to_text, read_sword_module, read_sword_pairs,
+                              tsv_rows)
 
 
 def test_removed_notes_do_not_glue_words():
@@ -37,6 +39,16 @@ def test_reads_installed_bible_module_by_osis_reference():
     assert len(english) == len(spanish) == 85
     assert "Naomi" in osis_to_text(english["Ruth.1.2"])
     assert "Noemi" in osis_to_text(spanish["Ruth.1.2"])
+
+
+def test_a_second_version_of_the_verses_gets_ids_of_its_own():
+    web = read_sword_pairs(SwordSource(books=["Ruth"]), Drops(), {})
+    kjv = read_sword_pairs(SwordSource(src_module="engKJV2006eb", books=["Ruth"], variant="kjv"), Drops(), {})
+    assert [i for i, _, _ in web][:2] == ["Ruth.1.1", "Ruth.1.2"]  # no variant: ids as they always were
+    assert [i for i, _, _ in kjv] == [f"{i}@kjv" for i, _, _ in web]
+    web_text, kjv_text = {i: s for i, s, _ in web}, {i: s for i, s, _ in kjv}
+    assert web_text["Ruth.1.1"] != kjv_text["Ruth.1.1@kjv"] and "judges" in kjv_text["Ruth.1.1@kjv"]
+    assert {i: t for i, _, t in web} == {i.removesuffix("@kjv"): t for i, _, t in kjv}  # one Spanish verse each
 
 
 def test_missing_module_is_a_clear_error():

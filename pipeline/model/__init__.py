@@ -28,8 +28,8 @@ class NotAModel(ValueError):
 def save_model(path: str | Path, model: Seq2Seq | Ensemble, src_vocab: Vocab, tgt_vocab: Vocab, src_tok: Tokenizer,
                tgt_tok: Tokenizer, lexicon=None) -> None:
     """One file with everything a translator needs. An Ensemble's first member takes the keys of
-    a single model; the others follow under "members"."""
-    first, *others = model.members if isinstance(model, Ensemble) else [model]
+    a single model; the others, rerankers last, follow under "members"."""
+    first, *others = [*model.members, *model.rerankers] if isinstance(model, Ensemble) else [model]
     bundle = {
         **member_bundle(first),
         "src_vocab": src_vocab.itos,
@@ -130,6 +130,6 @@ def pack_ensemble(paths: list[Path], output: Path) -> int:
                             "(models trained on the same prepared data do)")
         if (other_src_tok, other_tgt_tok) != (src_tok, tgt_tok):
             raise NotAModel(f"{path}: its tokenisers differ from {paths[0]}'s")
-    members = [member for m, *_ in loaded for member in (m.members if isinstance(m, Ensemble) else [m])]
+    members = [member for m, *_ in loaded for member in ([*m.members, *m.rerankers] if isinstance(m, Ensemble) else [m])]
     save_model(output, Ensemble(members), src_vocab, tgt_vocab, src_tok, tgt_tok, lexicon)
     return len(members)

@@ -4,7 +4,8 @@ seeded runs or checkpoints of one run). The search sees the interface of one Seq
 `decoder.step`, and per-member states that follow the hypotheses with `select`.
 
 The members must share both vocabularies (the same ids mean the same words); their sizes and
-architectures may differ."""
+architectures may differ. Right-to-left members (ModelConfig.right_to_left) beside left-to-right
+ones do not search: they rerank the left-to-right members' n-best list (pipeline.decode.rerank)."""
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,11 @@ class Ensemble(nn.Module):
         sizes = {(m.config.src_vocab, m.config.tgt_vocab) for m in members}
         if len(sizes) > 1:
             raise ValueError(f"ensemble members have different vocabulary sizes (source, target): {sorted(sizes)}")
-        self.members = nn.ModuleList(members)
-        self.config = members[0].config
+        forwards = [m for m in members if not m.config.right_to_left]
+        searching = forwards or members  # right-to-left members alone search, backwards
+        self.members = nn.ModuleList(searching)
+        self.rerankers = nn.ModuleList([m for m in members if forwards and m.config.right_to_left])
+        self.config = searching[0].config
         self.decoder = EnsembleDecoder(self.members)
 
     def encode(self, src: torch.Tensor, src_len: torch.Tensor) -> tuple[PerMember, PerMember]:

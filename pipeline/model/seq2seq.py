@@ -24,9 +24,17 @@ class ModelConfig:
     dropout: float = 0.2
     tie_embeddings: bool = True
     input_feeding: bool = True  # models saved before the option had it
+    # Trained on reversed targets (its output read backwards): decodes alone, or reranks the n-best
+    # list of left-to-right models (pipeline.model.ensemble).
+    right_to_left: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A left-to-right model's dict has no `right_to_left` key, as before the option, so that
+        its saved file stays byte for byte what it was."""
+        config = asdict(self)
+        if not self.right_to_left:
+            del config["right_to_left"]
+        return config
 
 
 class Seq2Seq(nn.Module):
