@@ -20,6 +20,8 @@ declare -A SETTING=([default]="" [plateau]="train.lr_schedule=plateau train.warm
                     [hidden384]="train.hidden_size=384"  # and 1.3x the epochs (below): 1.3x as fast on a CPU
                     [worddrop]="train.word_dropout=0.1"
                     [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000"
+                    # a right-to-left model: with `default` in SETTINGS, it also reranks the default's n-best lists
+                    [r2l]="train.right_to_left=true"
                     # beyond the CPU's budget: what a GPU's minutes buy (the cosine plan decides the epochs)
                     [long]="train.epochs=24" [big]="train.hidden_size=1024 train.dropout=0.5 train.epochs=20")
 read -ra NAMES <<< "${SETTINGS:-default plateau previous batch5000 fullsoftmax hidden384 worddrop subword}"
@@ -82,3 +84,10 @@ except (OSError, KeyError, IndexError, ValueError) as error:
     print(f"| {name} | failed: {error!r} (logs in $OUT) |")
 PY
 done
+if [ -n "${SEEN[default]+set}" ] && [ -n "${SEEN[r2l]+set}" ]; then
+  # The default's best checkpoint, alone and with r2l's reranking its n-best lists (paired).
+  (cd "$ROOT/default" && export PYTHONPATH=${PYTHONPATH:-}:$PWD && best=(.vamos/checkpoints/*/best.pt) &&
+   python3 -m pipeline.cli ensemble "${best[0]}" "$ROOT"/r2l/.vamos/checkpoints/*/best.pt -o "$OUT/rerank.pt" &&
+   python3 benchmarks/score.py "${best[0]}" "$OUT/rerank.pt" > "$OUT/score_rerank.md" 2>&1)
+  echo; echo "default reranked by r2l:"; cat "$OUT/score_rerank.md"
+fi

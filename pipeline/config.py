@@ -384,6 +384,16 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
+    def _catalogs_translate_from_english(self) -> "Params":
+        """A gettext catalog's message (msgid) is English: its pairs cannot serve another source language."""
+        catalogs = [s.name for s in self.ingest.sources if isinstance(s, GettextSource)]
+        if catalogs and self.prepare.src_lang != "en":
+            raise ValueError(f"ingest.sources {', '.join(map(repr, catalogs))}: a gettext catalog translates from "
+                             f"English, but prepare.src_lang is {self.prepare.src_lang!r}; remove the gettext "
+                             "sources for this pair (and their prepare.split.hold_out entries)")
+        return self
+
+    @model_validator(mode="after")
     def _lexicon_switches_need_a_lexicon(self) -> "Params":
         wanted = [f"evaluate.{key}" for key in ("unk_dictionary", "shortlist") if getattr(self.evaluate, key)]
         if wanted and not self.train.lexicon:

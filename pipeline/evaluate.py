@@ -36,12 +36,16 @@ def score_by_source(frame: pd.DataFrame, hypotheses: list[str], lang: str) -> di
     return scores
 
 
-def samples_by_source(frame: pd.DataFrame, samples: int) -> list[int]:
-    """The rows shown in samples.md: the first of each source in turn, so that a mixed test split
-    shows every source (its first source alone would fill them)."""
-    origins = frame["origin"] if "origin" in frame else pd.Series(0, index=frame.index)
-    rank = origins.reset_index(drop=True).groupby(origins.to_numpy(), sort=False).cumcount()
-    return sorted(rank.sort_values(kind="stable").index[:samples])
+def samples_by_source(frame: pd.DataFrame, samples: int, order: np.ndarray | None = None) -> list[int]:
+    """The rows shown in samples.md and the heatmaps: each source's first in turn, so that a mixed
+    test split shows every source (its first source alone, or its shortest messages, would fill
+    them). Without `order`, firsts in the frame's order and the rows sorted; with `order` (row
+    numbers, e.g. shortest first), firsts in that order and the rows as picked."""
+    origins = frame["origin"].to_numpy() if "origin" in frame else np.zeros(len(frame), dtype=int)
+    rows = np.arange(len(frame)) if order is None else np.asarray(order)
+    rank = pd.Series(origins[rows]).groupby(origins[rows], sort=False).cumcount()
+    picked = rows[rank.sort_values(kind="stable").index[:samples]].tolist()
+    return sorted(picked) if order is None else picked
 
 
 def bleu_by_length(frame: pd.DataFrame, hypotheses: list[str], tokenizer: Tokenizer, lang: str) -> pd.DataFrame:
@@ -124,8 +128,8 @@ def evaluate(translator: Translator, test: pd.DataFrame, cfg: EvaluateParams, re
               for i in sample_rows]
     storage.write_text(reports / "samples.md", "\n".join(lines) + "\n")
 
-    # Heatmaps for the shortest few test sentences: readable at a glance.
-    shortest = np.argsort([len(s) for s in sources], kind="stable")[: cfg.heatmaps]
+    # Heatmaps for the shortest few test sentences of each source in turn: readable at a glance.
+    shortest = samples_by_source(test, cfg.heatmaps, np.argsort([len(s) for s in sources], kind="stable"))
     for n, i in enumerate(shortest):
         words, attention = beam[i]
         plot_attention(sources[i], words, attention, reports / "attention" / f"attention_{n}.png",

@@ -388,6 +388,7 @@ def gettext_rows(path: Path, source: GettextSource, drops: Drops, notes: dict) -
     catalogs, other contexts, other translations) falls in the same split and only the first is
     kept. Plural messages: the singular pair, and the plural pair where the catalog has two forms
     (English's own; with more or fewer, which form answers the English plural depends on n)."""
+    debian = packaged(path, source)  # before reading: a catalog of an unnamed package is not read
     catalog = read_catalog(path)
     plural_forms = re.search(r"nplurals\s*=\s*(\d+)", catalog.metadata.get("Plural-Forms", ""))
     two_forms = plural_forms is not None and plural_forms.group(1) == "2"
@@ -414,7 +415,7 @@ def gettext_rows(path: Path, source: GettextSource, drops: Drops, notes: dict) -
                 read += 1
                 yield f"{source.name}:{hashlib.sha1(normalise(pair[0]).encode()).hexdigest()[:16]}", *pair
     notes.setdefault("gettext_catalogs", {})[str(path)] = {
-        "language": catalog.metadata.get("Language", ""), "pairs": read, "debian": packaged(path, source)}
+        "language": catalog.metadata.get("Language", ""), "pairs": read, "debian": debian}
 
 
 def packaged(path: Path, source: GettextSource) -> dict[str, str] | None:

@@ -85,6 +85,17 @@ def test_the_project_source_names_are_plain():
     assert {"bible", "software", "software-test", "incoming"} <= set(names)
 
 
+def test_a_gettext_source_needs_english_as_the_source_language(tmp_path):
+    """A catalog's messages are English: reversed for Spanish to English, they would train nonsense."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"].update(src_lang="es", tgt_lang="en")
+    with pytest.raises(ParamsError, match=r"'software', 'software-test': a gettext catalog translates from English"):
+        load_params(write(tmp_path, params))
+    params["ingest"]["sources"] = [s for s in params["ingest"]["sources"] if s["kind"] != "gettext"]
+    params["prepare"]["split"]["hold_out"] = {}
+    assert load_params(write(tmp_path, params)).prepare.src_lang == "es"
+
+
 def test_split_must_leave_training_data(tmp_path):
     params = small_params()
     params["prepare"]["split"] = {"valid": 0.3, "test": 0.3}

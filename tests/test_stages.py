@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -133,6 +134,10 @@ def test_samples_take_each_source_in_turn():
     assert samples_by_source(frame, 4) == [0, 1, 5, 6]
     assert samples_by_source(frame, 20) == list(range(7))
     assert samples_by_source(frame.drop(columns="origin"), 3) == [0, 1, 2]
+    # The heatmaps: the shortest of each source in turn (rows 6 and 2 are each source's shortest).
+    shortest_first = np.array([6, 2, 5, 0, 1, 3, 4])
+    assert samples_by_source(frame, 3, shortest_first) == [6, 2, 5]
+    assert samples_by_source(frame.drop(columns="origin"), 3, shortest_first) == [6, 2, 5]
 
 
 def test_register_makes_a_champion(trained_project):
