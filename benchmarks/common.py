@@ -29,7 +29,7 @@ def setup(params: Params):
         allocator.tune_for_training(device.type)
         if params.train.threads:
             torch.set_num_threads(params.train.threads)
-    corpus = load_corpus()
+    corpus = load_corpus(right_to_left=params.train.right_to_left)
     model, _, _ = initial_model(params, corpus.src_vocab, corpus.tgt_vocab, EMBEDDINGS, device)
     return model, corpus.train, corpus.valid.frame, corpus.src_vocab, corpus.tgt_vocab, device
 

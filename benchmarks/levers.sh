@@ -87,7 +87,8 @@ done
 if [ -n "${SEEN[default]+set}" ] && [ -n "${SEEN[r2l]+set}" ]; then
   # The default's best checkpoint, alone and with r2l's reranking its n-best lists (paired).
   (cd "$ROOT/default" && export PYTHONPATH=${PYTHONPATH:-}:$PWD && best=(.vamos/checkpoints/*/best.pt) &&
-   python3 -m pipeline.cli ensemble "${best[0]}" "$ROOT"/r2l/.vamos/checkpoints/*/best.pt -o "$OUT/rerank.pt" &&
+   backward=("$ROOT"/r2l/.vamos/checkpoints/*/best.pt) &&
+   python3 -m pipeline.cli ensemble "${best[0]}" "${backward[0]}" -o "$OUT/rerank.pt" &&
    python3 benchmarks/score.py "${best[0]}" "$OUT/rerank.pt" > "$OUT/score_rerank.md" 2>&1)
   echo; echo "default reranked by r2l:"; cat "$OUT/score_rerank.md"
 fi

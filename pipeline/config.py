@@ -127,22 +127,27 @@ class IngestParams(Strict):
 
     @model_validator(mode="after")
     def sword_variants_are_unique(self) -> "IngestParams":
-        """Two sword sources of one variant (or both without one) give the same verse ids: ingest would
-        drop the second's verses as duplicates. A second version of the Bible needs a `variant:`."""
-        by_variant: dict[str | None, list[str]] = {}
-        for source in self.sources:
-            if isinstance(source, SwordSource):
-                by_variant.setdefault(source.variant, []).append(source.name)
-        for variant, names in by_variant.items():
-            if len(names) > 1:
-                raise ValueError(f"sword sources {', '.join(map(repr, names))} share the variant {variant!r}, so "
-                                 "their verse ids would collide: give each version a `variant:` of its own "
-                                 "(e.g. variant: kjv)")
+        """Two sword sources of one variant (or both without one) and common books give the same verse
+        ids: ingest would drop the second's verses as duplicates. A second version needs a `variant:`."""
+        swords = [source for source in self.sources if isinstance(source, SwordSource)]
+        for i, first in enumerate(swords):
+            for second in swords[i + 1:]:
+                if first.variant == second.variant and books_overlap(first.books, second.books):
+                    raise ValueError(f"sword sources {first.name!r}, {second.name!r} share the variant "
+                                     f"{first.variant!r} and books, so their verse ids would collide: give each "
+                                     "version a `variant:` of its own (e.g. variant: kjv)")
         return self
 
     def sword_variants(self) -> dict[str, str]:
         """{source name: variant} of the sword sources with a variant (prepare's split key)."""
         return {s.name: s.variant for s in self.sources if isinstance(s, SwordSource) and s.variant is not None}
+
+
+def books_overlap(first: list[str] | None, second: list[str] | None) -> bool:
+    """Whether two sword sources' `books` share one (None: every book)."""
+    if first is None or second is None:
+        return True
+    return bool({b.lower() for b in first} & {b.lower() for b in second})
 
 
 class SplitParams(Strict):

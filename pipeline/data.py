@@ -149,10 +149,12 @@ class ParallelData:
         self.tgt_lengths = side_lengths(tgt)
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, src_vocab: Vocab, tgt_vocab: Vocab) -> "ParallelData":
+    def from_frame(cls, frame: pd.DataFrame, src_vocab: Vocab, tgt_vocab: Vocab,
+                   right_to_left: bool = False) -> "ParallelData":
         frame = frame.reset_index(drop=True)
         return cls(EncodedIds(src_vocab.encode(s.split()) for s in frame["src_tokens"]),
-                   EncodedIds(tgt_vocab.encode(s.split()) for s in frame["tgt_tokens"]), frame)
+                   EncodedIds(tgt_vocab.encode(s.split()) for s in frame["tgt_tokens"]), frame,
+                   right_to_left=right_to_left)
 
     @classmethod
     def open(cls, root: Path, split: str, with_text: bool = False, right_to_left: bool = False) -> "ParallelData":

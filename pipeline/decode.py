@@ -172,9 +172,8 @@ class SearchHistory:
 
     def end_all(self, sentences: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, step: int) -> None:
         """Keep every candidate that ends here (finite `scores`), for the n-best lists."""
-        if self.n_best > 1:
-            ended = torch.isfinite(scores)
-            self.endings.append((sentences[ended], scores[ended], torch.full_like(rows[ended], step), rows[ended]))
+        ended = torch.isfinite(scores)
+        self.endings.append((sentences[ended], scores[ended], torch.full_like(rows[ended], step), rows[ended]))
 
     def read(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         return ([w.float().cpu().numpy() for w in self.weights], [t.cpu().numpy() for t in self.tokens],
@@ -201,8 +200,10 @@ class SearchHistory:
     def n_best_lists(self, src_len: torch.Tensor) -> list[list[Hypothesis]]:
         """Each sentence's `n_best` best hypotheses that ended, best first."""
         history = self.read()
-        sentences, scores, steps, rows = (torch.cat(column).tolist() for column in zip(*self.endings))
         lengths = src_len.tolist()
+        if not self.endings:  # an empty batch
+            return [[] for _ in lengths]
+        sentences, scores, steps, rows = (torch.cat(column).tolist() for column in zip(*self.endings))
         ended: list[list[tuple]] = [[] for _ in lengths]
         for sentence, score, step, row in zip(sentences, scores, steps, rows):
             ended[sentence].append((score, step, row))
@@ -253,7 +254,7 @@ def beam_search(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int 
     elif rerankers(model):  # the beam's n-best list, reranked by the right-to-left members
         n_best = beam_history(model, src, src_len, beam_size, alpha, max_len_ratio, shortlist, beam_size,
                               **scoring).n_best_lists(src_len)
-        hypotheses = rerank(model, src, src_len, n_best, alpha)
+        hypotheses = rerank(model, src, src_len, n_best, alpha, scoring.get("unk_penalty", 0.0))
     else:
         hypotheses = search_beams(model, src, src_len, beam_size, alpha, max_len_ratio, shortlist, **scoring)
     return read_forwards(model, hypotheses)
@@ -271,27 +272,40 @@ def read_forwards(model, hypotheses: list[Hypothesis]) -> list[Hypothesis]:
     return [Hypothesis(h.tokens[::-1], h.attention[::-1].copy(), h.score) for h in hypotheses]
 
 
+# Rows x target length x vocabulary floats that one teacher-forced pass may hold (about 256 MB).
+SCORED_FLOATS = 1 << 26
+
+
 @torch.no_grad()
 def sequence_log_probs(model, src: torch.Tensor, src_len: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
-    """Each target's log-probability under `model` (a Seq2Seq): its words then <eos>, read by
-    teacher forcing, backwards for a right-to-left model. `targets` in reading order, one per row."""
+    """Each target's log-probability under `model` (a Seq2Seq) over its whole vocabulary: its words
+    then <eos>, read by teacher forcing, backwards for a right-to-left model. `targets` in reading
+    order, one per row of `src`; in chunks of rows, so the vocabulary-wide scores stay bounded."""
     from pipeline.data import pad
 
     if model.config.right_to_left:
         targets = [t[::-1] for t in targets]
-    tgt_in = pad([[SOS_ID] + t for t in targets]).to(src.device)
-    tgt_out = pad([t + [EOS_ID] for t in targets]).to(src.device)
-    attentional, _ = model(src, src_len, tgt_in)
-    log_probs = OutputLayer(model).log_probs(attentional.reshape(-1, attentional.size(-1)))
-    picked = log_probs.gather(1, tgt_out.view(-1, 1)).view(tgt_out.shape)
-    return picked.masked_fill(tgt_out == PAD_ID, 0.0).sum(1)
+    longest = max((len(t) for t in targets), default=0) + 1
+    chunk = max(1, SCORED_FLOATS // (longest * model.config.tgt_vocab))
+    output, totals = OutputLayer(model), []
+    for start in range(0, len(targets), chunk):
+        part = targets[start:start + chunk]
+        tgt_in = pad([[SOS_ID] + t for t in part]).to(src.device)
+        tgt_out = pad([t + [EOS_ID] for t in part]).to(src.device)
+        attentional, _ = model(src[start:start + chunk], src_len[start:start + chunk], tgt_in)
+        log_probs = output.log_probs(attentional.reshape(-1, attentional.size(-1)))
+        picked = log_probs.gather(1, tgt_out.view(-1, 1)).view(tgt_out.shape)
+        totals.append(picked.masked_fill(tgt_out == PAD_ID, 0.0).sum(1))
+    return torch.cat(totals) if totals else torch.zeros(0, device=src.device)
 
 
 def rerank(model, src: torch.Tensor, src_len: torch.Tensor, n_best: list[list[Hypothesis]],
-           alpha: float) -> list[Hypothesis]:
+           alpha: float, unk_penalty: float = 0.0) -> list[Hypothesis]:
     """Each sentence's best hypothesis by the mean of two length-normalised scores: the search's
     (left to right) and the right-to-left members' mean log-probability of it (Sennrich et al.,
-    WMT 2016), so that an ending the left-to-right model liked must also make a likely beginning."""
+    WMT 2016), so that an ending the left-to-right model liked must also make a likely beginning.
+    Each <unk> costs both scores the `unk_penalty`. (With a shortlist the search normalised over
+    the shortlist's words, the right-to-left models over their whole vocabulary.)"""
     rows = torch.tensor([i for i, hyps in enumerate(n_best) for _ in hyps], device=src.device)
     candidates = [h for hyps in n_best for h in hyps]
     targets = [h.tokens for h in candidates]
@@ -299,7 +313,8 @@ def rerank(model, src: torch.Tensor, src_len: torch.Tensor, n_best: list[list[Hy
                              for r2l in rerankers(model)]).mean(0).tolist()
     best, start = [], 0
     for hyps in n_best:
-        combined = [(h.score + back / length_penalty(len(h.tokens) + 1, alpha)) / 2
+        combined = [(h.score + (back - unk_penalty * h.tokens.count(UNK_ID))
+                     / length_penalty(len(h.tokens) + 1, alpha)) / 2
                     for h, back in zip(hyps, backwards[start:start + len(hyps)])]
         best.append(hyps[int(np.argmax(combined))])
         start += len(hyps)
@@ -351,8 +366,9 @@ def beam_history(model, src: torch.Tensor, src_len: torch.Tensor, beam_size: int
         normalised = (top_scores / length_penalty(step + 1, alpha)).masked_fill(~ending, float("-inf"))
         best, rank = normalised.max(dim=1)
         history.finish(sentences, best, parent_rows.gather(1, rank.unsqueeze(1)).squeeze(1), step)
-        history.end_all(sentences.unsqueeze(1).expand_as(normalised).reshape(-1), normalised.reshape(-1),
-                        parent_rows.reshape(-1), step)
+        if n_best > 1:
+            history.end_all(sentences.unsqueeze(1).expand_as(normalised).reshape(-1), normalised.reshape(-1),
+                            parent_rows.reshape(-1), step)
 
         # The best k candidates that did not end go on, in the sentences that are not done: a
         # sentence is done once k hypotheses have ended and the best of them beats the best that

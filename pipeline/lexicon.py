@@ -93,6 +93,8 @@ def build_lexicon(model, data, batch_tokens: int = 4000, per_word: int = TRANSLA
         tgt_words = [tgt_text[i].split() for i in at]
         for row, src_pos, tgt_pos in aligned_pairs(model, batch.src, batch.src_len, batch.tgt_in, batch.tgt_out):
             if src_pos < len(src_words[row]):  # an empty source is one <pad> position
+                if data.right_to_left:  # the batch holds the target backwards (a right-to-left model)
+                    tgt_pos = len(tgt_words[row]) - 1 - tgt_pos
                 counts[src_words[row][src_pos]][tgt_words[row][tgt_pos]] += 1
     model.train(was_training)
     return Lexicon({word: [t for t, _ in targets.most_common(per_word)] for word, targets in counts.items()})

@@ -60,10 +60,16 @@ def test_two_sword_sources_of_one_variant_are_rejected_by_name(tmp_path):
                                        {**bible, "name": "bible-kjv", "src_module": "engKJV2006eb",
                                         "variant": variants[1]}]
         with pytest.raises(ParamsError, match=rf"sword sources 'bible', 'bible-kjv' share the variant "
-                                              rf"{re.escape(repr(variants[0]))}"):
+                                              rf"{re.escape(repr(variants[0]))} and books"):
             load_params(write(tmp_path, params))
     params["ingest"]["sources"][0]["variant"] = None  # one version without a variant, one with: fine
     assert load_params(write(tmp_path, params)).ingest.sword_variants() == {"bible-kjv": "kjv"}
+    # Books of their own (a held-out book beside the rest): their ids cannot collide.
+    params["ingest"]["sources"] = [{**bible, "name": "ruth", "books": ["Ruth"]}, {**bible, "books": ["Gen", "Exod"]}]
+    assert load_params(write(tmp_path, params)).ingest.sword_variants() == {}
+    params["ingest"]["sources"][1]["books"] = ["ruth"]
+    with pytest.raises(ParamsError, match="sword sources 'ruth', 'bible' share the variant None and books"):
+        load_params(write(tmp_path, params))
 
 
 @pytest.mark.parametrize("source, message", [

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline import decode
 from pipeline.decode import (OutputLayer, Translator, beam_history, beam_search, length_penalty, search_beams,
                              sequence_log_probs)
 from pipeline.model import ModelConfig, Seq2Seq, load_translator, save_model
@@ -168,13 +169,16 @@ def test_the_n_best_list_is_sorted_bounded_and_led_by_the_beams_best():
         assert len({tuple(h.tokens) for h in hyps}) == len(hyps)
 
 
-def test_sequence_log_probs_match_the_decoder_stepped_word_by_word():
+def test_sequence_log_probs_match_the_decoder_stepped_word_by_word(monkeypatch):
     src, src_len = source_batch()
     targets = [[3, 4, 5], [6]]
     for model in (make_model(), backward_model()):
         batched = sequence_log_probs(model, src, src_len, targets).tolist()
         assert batched == pytest.approx([stepped_log_prob(model, src, src_len, i, t) for i, t in enumerate(targets)],
                                         abs=1e-5)
+        monkeypatch.setattr(decode, "SCORED_FLOATS", 1)  # one row per pass: the same scores
+        assert sequence_log_probs(model, src, src_len, targets).tolist() == pytest.approx(batched, abs=1e-6)
+        monkeypatch.undo()
 
 
 def test_right_to_left_members_rerank_the_forward_n_best_list():

@@ -22,11 +22,22 @@ class DiagonalAttention(torch.nn.Module):
         return None, weights
 
 
-def parallel(pairs: list[tuple[str, str]]) -> ParallelData:
+def parallel(pairs: list[tuple[str, str]], right_to_left: bool = False) -> ParallelData:
     frame = pd.DataFrame({"src_tokens": [s for s, _ in pairs], "tgt_tokens": [t for _, t in pairs]})
     src_vocab = Vocab(sorted({w for s, _ in pairs for w in s.split()}))
     tgt_vocab = Vocab(sorted({w for _, t in pairs for w in t.split()}))
-    return ParallelData.from_frame(frame, src_vocab, tgt_vocab)
+    return ParallelData.from_frame(frame, src_vocab, tgt_vocab, right_to_left)
+
+
+def test_a_right_to_left_models_lexicon_pairs_each_source_word_with_the_word_it_attended_from():
+    """The batches of a right-to-left training hold each target backwards: the diagonal attention's
+    step 0 is the last word ("z"), which attends to the first source word ("a")."""
+    pairs = [("a b c", "x y z"), ("a d", "x w")]
+    assert build_lexicon(DiagonalAttention(), parallel(pairs)).translations == \
+        {"a": ["x"], "b": ["y"], "c": ["z"], "d": ["w"]}
+    backward = build_lexicon(DiagonalAttention(), parallel(pairs, right_to_left=True)).translations
+    assert {word: sorted(targets) for word, targets in backward.items()} == \
+        {"a": ["w", "z"], "b": ["y"], "c": ["x"], "d": ["x"]}
 
 
 def test_each_source_word_keeps_its_most_frequently_aligned_target_words():
