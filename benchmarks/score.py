@@ -7,6 +7,7 @@ sentences (delta, 95% interval, p-value).
     python benchmarks/score.py models/seq2seq/model.pt .vamos/checkpoints/*/best.pt
     python benchmarks/score.py model.pt --split valid --set evaluate.beam_size=10
     python benchmarks/score.py model.pt --origin software-test --apertium eng-spa
+    python benchmarks/score.py default.pt both.pt --by-origin   # also each source's rows, from one decoding
 
 `--apertium eng-spa` (English to Spanish; spa-eng the other way) adds Debian's rule-based Apertium
 (apt: apertium-eng-spa) as the first row, on the same source lines: the translator a user would
@@ -43,6 +44,7 @@ def apertium(pair: str, sources: list[str]) -> list[str]:
 def main(models: list[Path], split: str = "test", data: Path = Path("data/prepared"),
          set: list[str] = typer.Option([], "--set"),
          origin: Optional[str] = typer.Option(None, help="only the split's pairs of this source (ingest.sources' name)"),
+         by_origin: bool = typer.Option(False, help="also the table and paired tests of each source's pairs"),
          apertium_pair: Optional[str] = typer.Option(None, "--apertium", help="also score Apertium's PAIR (spa-eng, eng-spa)")) -> None:
     params = params_with(set)
     frame = load_split(split, data)
@@ -51,25 +53,46 @@ def main(models: list[Path], split: str = "test", data: Path = Path("data/prepar
         if frame.empty:
             raise typer.BadParameter(f"the {split} split has no pair of the source {origin!r}", param_hint="--origin")
     references = frame["tgt"].tolist()
-    print(f"| model | {split} sentences | BLEU (beam {params.evaluate.beam_size}) | chrF | greedy BLEU |")
-    print("|---|---|---|---|---|")
-    outputs = []
+    print_header(split, params)
+    outputs, greedy_outputs = [], []  # beam and greedy text of each model, in the order of `models`
     if apertium_pair:
         outputs.append(apertium(apertium_pair, frame["src"].tolist()))
-        rule_based = score(outputs[-1], references, params.prepare.tgt_lang)
-        print(f"| apertium {apertium_pair} | {len(frame)} | {rule_based['bleu']:.2f} | {rule_based['chrf']:.2f} | |",
-              flush=True)
+        greedy_outputs.append(None)
         models = [Path(f"apertium {apertium_pair}"), *models]
+        print_row(models[0], outputs[0], None, references, params)
     for path in models[len(outputs):]:
         translator = load_translator(path, pick_device(params.train.device))
         outputs.append(detokenize_all(translator, translate_split(translator, frame, params.evaluate)))
-        lang = params.prepare.tgt_lang
-        beam = score(outputs[-1], references, lang)
-        greedy = score(detokenize_all(translator, translate_split(translator, frame, params.evaluate, beam_size=1)),
-                       references, lang)
-        print(f"| {path} | {len(frame)} | {beam['bleu']:.2f} | {beam['chrf']:.2f} | {greedy['bleu']:.2f} |", flush=True)
+        greedy_outputs.append(detokenize_all(translator, translate_split(translator, frame, params.evaluate,
+                                                                         beam_size=1)))
+        print_row(path, outputs[-1], greedy_outputs[-1], references, params)
     if len(models) > 1:
         print_paired(models, outputs, references, params)
+    if by_origin:
+        for name, rows in sorted(frame.groupby("origin").indices.items()):
+            print(f"\n### {name}\n")
+            print_header(split, params)
+            for path, beam, greedy in zip(models, outputs, greedy_outputs):
+                print_row(path, subset(beam, rows), subset(greedy, rows), subset(references, rows), params)
+            if len(models) > 1:
+                print_paired(models, [subset(o, rows) for o in outputs], subset(references, rows), params)
+
+
+def subset(texts: list[str] | None, rows) -> list[str] | None:
+    return None if texts is None else [texts[i] for i in rows]
+
+
+def print_header(split: str, params) -> None:
+    print(f"| model | {split} sentences | BLEU (beam {params.evaluate.beam_size}) | chrF | greedy BLEU |")
+    print("|---|---|---|---|---|")
+
+
+def print_row(model: Path, beam: list[str], greedy: list[str] | None, references: list[str], params) -> None:
+    """A model's scores; Apertium's row has no greedy column."""
+    lang = params.prepare.tgt_lang
+    scores = score(beam, references, lang)
+    greedy_bleu = "" if greedy is None else f"{score(greedy, references, lang)['bleu']:.2f}"
+    print(f"| {model} | {len(references)} | {scores['bleu']:.2f} | {scores['chrf']:.2f} | {greedy_bleu} |", flush=True)
 
 
 def print_paired(models: list[Path], outputs: list[list[str]], references: list[str], params) -> None:

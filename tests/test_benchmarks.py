@@ -12,6 +12,7 @@ from tests.conftest import small_params
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import params_with  # noqa: E402
 from score import apertium, print_paired  # noqa: E402
+from snapshots import snapshot_models  # noqa: E402
 
 REFERENCES = ["the cat sat on the mat .", "a dog ran in the park .", "he went home late ."] * 10
 
@@ -50,6 +51,65 @@ def test_set_overrides_are_yaml_values_checked_as_the_flows_are(tmp_path, monkey
     assert params.flow.retry_delays_seconds == [1, 2.5]
     with pytest.raises(ParamsError, match=r"train\.hiden_size"):
         params_with(["train.hiden_size=64"])
+
+
+def test_each_snapshot_becomes_a_model_file_that_an_ensemble_packs(tmp_path):
+    """A run's kept weights, written with best.pt's vocabularies: each loads as its own weights,
+    and `vamos ensemble` packs them (a checkpoint ensemble)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.model import load_translator
+    from tests.test_ensemble import other_model, save
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save(run / "best.pt", other_model(1))
+    snapshots = {step: other_model(step).state_dict() for step in (200, 400)}
+    for step, weights in snapshots.items():
+        torch.save(weights, run / f"weights-{step:08d}.pt")
+    written = snapshot_models(run, tmp_path / "models")
+    assert [p.name for p in written] == ["weights-00000200.pt", "weights-00000400.pt"]
+    for path, weights in zip(written, snapshots.values()):
+        loaded = load_translator(path)
+        assert all(torch.equal(loaded.model.state_dict()[k], w) for k, w in weights.items())
+        assert loaded.tgt_vocab.itos == load_translator(run / "best.pt").tgt_vocab.itos
+    result = CliRunner().invoke(app, ["ensemble", *map(str, written), "-o", str(tmp_path / "both.pt")])
+    assert result.exit_code == 0 and len(load_translator(tmp_path / "both.pt").model.members) == 2
+    with pytest.raises(FileNotFoundError, match="no weights-"):
+        snapshot_models(tmp_path, tmp_path / "again")  # best.pt alone, no snapshot
+
+
+def test_by_origin_scores_each_source_as_origin_alone_would(tmp_path, monkeypatch, capsys):
+    """One decoding of the whole split, then each source's rows: the same figures as decoding
+    that source alone with --origin."""
+    import pandas as pd
+
+    from pipeline import storage
+    from score import main
+    from tests.test_ensemble import other_model, save
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params(**{"evaluate.beam_size": 2})))
+    monkeypatch.chdir(tmp_path)
+    first, second = save(tmp_path / "a.pt", other_model(1)), save(tmp_path / "b.pt", other_model(2))
+    rows = [("a b c", "u v w", "bible"), ("d e", "x y", "software"), ("f g h i", "z u", "bible"), ("j", "v", "software")]
+    frame = pd.DataFrame(rows * 5, columns=["src", "tgt", "origin"])
+    frame.to_parquet(storage.split_path("test", tmp_path))
+    options = dict(split="test", data=tmp_path, set=[], apertium_pair=None)
+    main([first, second], origin=None, by_origin=True, **options)
+    sections = capsys.readouterr().out.split("\n### ")
+    assert [section.split("\n")[0] for section in sections[1:]] == ["bible", "software"]
+    for section in sections[1:]:
+        name = section.split("\n")[0]
+        main([first, second], origin=name, by_origin=False, **options)
+        alone = capsys.readouterr().out
+        assert table_lines(section) == table_lines(alone) and len(table_lines(alone)) == 4 + 2 + 3
+        assert "| 10 |" in section
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
 
 
 @pytest.mark.slow
