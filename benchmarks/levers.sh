@@ -3,12 +3,14 @@
 # side (one GPU holds them all; on a CPU give each its own machine), params.yaml's train.epochs
 # each (the CPU default's budget) unless the setting says otherwise, each keeping its last 5 validated weights
 # so that best and averaged can be compared, then benchmarks/score.py on each run's best
-# checkpoint. SETTINGS picks which settings run. Needs data/raw/pairs/ (`dvc repro
-# ingest`); each setting runs in a copy of the checkout under $ROOT.
+# checkpoint and on ensembles built on the default's (its last 5 weights, seed2, r2l). SETTINGS
+# picks which settings run. Needs data/raw/pairs/ (`dvc repro ingest`); each setting runs in a copy
+# of the checkout under $ROOT.
 #
 #   bash benchmarks/levers.sh            # figures to stdout, logs and reports to $OUT
 #   bash benchmarks/levers.sh train.max_steps=3 embed.epochs=1 evaluate.max_len_ratio=0.3   # a smoke test
 #   SETTINGS="long big" bash benchmarks/levers.sh train.max_minutes=6   # longer plans, on a GPU
+#   SETTINGS="default seed2 r2l" bash benchmarks/levers.sh   # seed, checkpoint and reranking ensembles
 set -u
 EXTRA="$*"
 # Each setting's overrides (section.key=value, as benchmarks/common.py's params_with reads them),
@@ -20,8 +22,9 @@ declare -A SETTING=([default]="" [plateau]="train.lr_schedule=plateau train.warm
                     [hidden384]="train.hidden_size=384"  # and 1.3x the epochs (below): 1.3x as fast on a CPU
                     [worddrop]="train.word_dropout=0.1"
                     [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000"
-                    # a right-to-left model: with `default` in SETTINGS, it also reranks the default's n-best lists
-                    [r2l]="train.right_to_left=true"
+                    # with `default` in SETTINGS: another seed (how far apart two trainings land; packed
+                    # with the default, a seed ensemble) and a right-to-left model (it reranks the default's n-best lists)
+                    [seed2]="seed=4321" [r2l]="train.right_to_left=true"
                     # beyond the CPU's budget: what a GPU's minutes buy (the cosine plan decides the epochs)
                     [long]="train.epochs=24" [big]="train.hidden_size=1024 train.dropout=0.5 train.epochs=20")
 read -ra NAMES <<< "${SETTINGS:-default plateau previous batch5000 fullsoftmax hidden384 worddrop subword}"
@@ -84,11 +87,20 @@ except (OSError, KeyError, IndexError, ValueError) as error:
     print(f"| {name} | failed: {error!r} (logs in $OUT) |")
 PY
 done
-if [ -n "${SEEN[default]+set}" ] && [ -n "${SEEN[r2l]+set}" ]; then
-  # The default's best checkpoint, alone and with r2l's reranking its n-best lists (paired).
-  (cd "$ROOT/default" && export PYTHONPATH=${PYTHONPATH:-}:$PWD && best=(.vamos/checkpoints/*/best.pt) &&
-   backward=("$ROOT"/r2l/.vamos/checkpoints/*/best.pt) &&
-   python3 -m pipeline.cli ensemble "${best[0]}" "${backward[0]}" -o "$OUT/rerank.pt" &&
-   python3 benchmarks/score.py "${best[0]}" "$OUT/rerank.pt" > "$OUT/score_rerank.md" 2>&1)
-  echo; echo "default reranked by r2l:"; cat "$OUT/score_rerank.md"
+if [ -n "${SEEN[default]+set}" ]; then
+  # The default's best checkpoint against ensembles built on it, paired on the same sentences, each
+  # source apart too: its own last 5 validated weights (a checkpoint ensemble); with seed2's best (a
+  # seed ensemble) and with r2l's reranking, where they ran; all three where both ran.
+  (cd "$ROOT/default" && export PYTHONPATH=${PYTHONPATH:-}:$PWD && run=$(ls -d .vamos/checkpoints/*/) &&
+   pack() { python3 -m pipeline.cli ensemble "${@:2}" -o "$OUT/$1.pt" > /dev/null && echo "$OUT/$1.pt"; } &&
+   python3 benchmarks/snapshots.py "$run" -o "$OUT/snapshots" > /dev/null &&
+   models=("$(pack checkpoints "$OUT"/snapshots/weights-*.pt)") && members=("${run}best.pt") || exit 1
+   for other in seed2 r2l; do
+     [ -n "${SEEN[$other]+set}" ] || continue
+     members+=("$(ls "$ROOT"/$other/.vamos/checkpoints/*/best.pt)")
+     models+=("$(pack "with_$other" "${run}best.pt" "${members[-1]}")") || exit 1
+   done
+   if [ ${#members[@]} -eq 3 ]; then models+=("$(pack seed2_r2l "${members[@]}")") || exit 1; fi
+   python3 benchmarks/score.py "${run}best.pt" "${models[@]}" --by-origin > "$OUT/score_ensembles.md" 2>&1)
+  echo; echo "ensembles against the default's best checkpoint:"; cat "$OUT/score_ensembles.md"
 fi
