@@ -22,8 +22,9 @@ declare -A SETTING=([default]="" [plateau]="train.lr_schedule=plateau train.warm
                     [hidden384]="train.hidden_size=384"  # and 1.3x the epochs (below): 1.3x as fast on a CPU
                     [worddrop]="train.word_dropout=0.1"
                     [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000"
-                    # with `default` in SETTINGS: another seed (how far apart two trainings land; packed
-                    # with the default, a seed ensemble) and a right-to-left model (it reranks the default's n-best lists)
+                    # with `default` in SETTINGS: another seed (word2vec's too: how far apart two trainings
+                    # land; packed with the default, a seed ensemble) and a right-to-left model (it reranks
+                    # the default's n-best lists); either adds the ensemble rows at the end
                     [seed2]="seed=4321" [r2l]="train.right_to_left=true"
                     # beyond the CPU's budget: what a GPU's minutes buy (the cosine plan decides the epochs)
                     [long]="train.epochs=24" [big]="train.hidden_size=1024 train.dropout=0.5 train.epochs=20")
@@ -87,20 +88,23 @@ except (OSError, KeyError, IndexError, ValueError) as error:
     print(f"| {name} | failed: {error!r} (logs in $OUT) |")
 PY
 done
-if [ -n "${SEEN[default]+set}" ]; then
+if [ -n "${SEEN[default]+set}" ] && [ -n "${SEEN[seed2]+set}${SEEN[r2l]+set}" ]; then
   # The default's best checkpoint against ensembles built on it, paired on the same sentences, each
   # source apart too: its own last 5 validated weights (a checkpoint ensemble); with seed2's best (a
   # seed ensemble) and with r2l's reranking, where they ran; all three where both ran.
+  rm -rf "$OUT/snapshots" "$OUT/score_ensembles.md"
   (cd "$ROOT/default" && export PYTHONPATH=${PYTHONPATH:-}:$PWD && run=$(ls -d .vamos/checkpoints/*/) &&
-   pack() { python3 -m pipeline.cli ensemble "${@:2}" -o "$OUT/$1.pt" > /dev/null && echo "$OUT/$1.pt"; } &&
-   python3 benchmarks/snapshots.py "$run" -o "$OUT/snapshots" > /dev/null &&
+   pack() { python3 -m pipeline.cli ensemble "${@:2}" -o "$OUT/$1.pt" >> "$OUT/ensembles.log" 2>&1 &&
+            echo "$OUT/$1.pt"; } &&
+   python3 benchmarks/snapshots.py "$run" -o "$OUT/snapshots" >> "$OUT/ensembles.log" 2>&1 &&
    models=("$(pack checkpoints "$OUT"/snapshots/weights-*.pt)") && members=("${run}best.pt") || exit 1
    for other in seed2 r2l; do
      [ -n "${SEEN[$other]+set}" ] || continue
-     members+=("$(ls "$ROOT"/$other/.vamos/checkpoints/*/best.pt)")
+     members+=("$(ls "$ROOT"/$other/.vamos/checkpoints/*/best.pt)") || exit 1
      models+=("$(pack "with_$other" "${run}best.pt" "${members[-1]}")") || exit 1
    done
    if [ ${#members[@]} -eq 3 ]; then models+=("$(pack seed2_r2l "${members[@]}")") || exit 1; fi
-   python3 benchmarks/score.py "${run}best.pt" "${models[@]}" --by-origin > "$OUT/score_ensembles.md" 2>&1)
-  echo; echo "ensembles against the default's best checkpoint:"; cat "$OUT/score_ensembles.md"
+   python3 benchmarks/score.py "${run}best.pt" "${models[@]}" --by-origin > "$OUT/score_ensembles.md" 2>&1) ||
+    echo "ensembles: failed (logs: $OUT/ensembles.log, $OUT/score_ensembles.md)"
+  echo; echo "ensembles against the default's best checkpoint:"; cat "$OUT/score_ensembles.md" 2>/dev/null
 fi

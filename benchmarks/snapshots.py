@@ -25,20 +25,22 @@ def snapshot_models(run_dir: Path, out_dir: Path) -> list[Path]:
     snapshots = sorted(run_dir.glob("weights-*.pt"))
     if not snapshots:
         raise FileNotFoundError(f"{run_dir} holds no weights-*.pt snapshot: train with train.average_checkpoints: N")
-    model, src_vocab, tgt_vocab, src_tok, tgt_tok, _ = load_model(run_dir / "best.pt")
+    if out_dir.resolve() == run_dir.resolve():
+        raise ValueError(f"{out_dir}: write the model files beside the run, not over its snapshots")
+    model, src_vocab, tgt_vocab, src_tok, tgt_tok, lexicon = load_model(run_dir / "best.pt")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for snapshot in snapshots:
         model.load_state_dict(torch.load(snapshot, map_location="cpu", weights_only=True))
         written.append(out_dir / snapshot.name)
-        save_model(written[-1], model, src_vocab, tgt_vocab, src_tok, tgt_tok)
+        save_model(written[-1], model, src_vocab, tgt_vocab, src_tok, tgt_tok, lexicon=lexicon)
     return written
 
 
 def main(run_dir: Path, output: Path = typer.Option(..., "--output", "-o", help="folder for the model files")) -> None:
     try:
         written = snapshot_models(run_dir, output)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         typer.echo(f"snapshots.py: {e}", err=True)
         raise typer.Exit(2)
     typer.echo("\n".join(map(str, written)))

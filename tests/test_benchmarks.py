@@ -65,8 +65,8 @@ def test_each_snapshot_becomes_a_model_file_that_an_ensemble_packs(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    save(run / "best.pt", other_model(1))
-    snapshots = {step: other_model(step).state_dict() for step in (200, 400)}
+    save(run / "best.pt", other_model(1, right_to_left=True))
+    snapshots = {step: other_model(step, right_to_left=True).state_dict() for step in (200, 400)}
     for step, weights in snapshots.items():
         torch.save(weights, run / f"weights-{step:08d}.pt")
     written = snapshot_models(run, tmp_path / "models")
@@ -75,10 +75,16 @@ def test_each_snapshot_becomes_a_model_file_that_an_ensemble_packs(tmp_path):
         loaded = load_translator(path)
         assert all(torch.equal(loaded.model.state_dict()[k], w) for k, w in weights.items())
         assert loaded.tgt_vocab.itos == load_translator(run / "best.pt").tgt_vocab.itos
+        assert loaded.model.config.right_to_left  # the run's config, as best.pt holds it
     result = CliRunner().invoke(app, ["ensemble", *map(str, written), "-o", str(tmp_path / "both.pt")])
     assert result.exit_code == 0 and len(load_translator(tmp_path / "both.pt").model.members) == 2
+    with pytest.raises(ValueError, match="not over its snapshots"):
+        snapshot_models(run, run)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "best.pt").write_bytes((run / "best.pt").read_bytes())
     with pytest.raises(FileNotFoundError, match="no weights-"):
-        snapshot_models(tmp_path, tmp_path / "again")  # best.pt alone, no snapshot
+        snapshot_models(lone, tmp_path / "again")  # best.pt alone, no snapshot
 
 
 def test_by_origin_scores_each_source_as_origin_alone_would(tmp_path, monkeypatch, capsys):
@@ -100,6 +106,7 @@ def test_by_origin_scores_each_source_as_origin_alone_would(tmp_path, monkeypatc
     main([first, second], origin=None, by_origin=True, **options)
     sections = capsys.readouterr().out.split("\n### ")
     assert [section.split("\n")[0] for section in sections[1:]] == ["bible", "software"]
+    assert table_lines(sections[1])[2:] != table_lines(sections[2])[2:]  # the sources score apart
     for section in sections[1:]:
         name = section.split("\n")[0]
         main([first, second], origin=name, by_origin=False, **options)
