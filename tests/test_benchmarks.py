@@ -11,7 +11,7 @@ from tests.conftest import small_params
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import params_with  # noqa: E402
-from score import apertium, print_paired  # noqa: E402
+from score import apertium, main as score_main, print_paired  # noqa: E402
 from snapshots import snapshot_models  # noqa: E402
 
 REFERENCES = ["the cat sat on the mat .", "a dog ran in the park .", "he went home late ."] * 10
@@ -93,7 +93,6 @@ def test_by_origin_scores_each_source_as_origin_alone_would(tmp_path, monkeypatc
     import pandas as pd
 
     from pipeline import storage
-    from score import main
     from tests.test_ensemble import other_model, save
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params(**{"evaluate.beam_size": 2})))
@@ -103,13 +102,13 @@ def test_by_origin_scores_each_source_as_origin_alone_would(tmp_path, monkeypatc
     frame = pd.DataFrame(rows * 5, columns=["src", "tgt", "origin"])
     frame.to_parquet(storage.split_path("test", tmp_path))
     options = dict(split="test", data=tmp_path, set=[], apertium_pair=None)
-    main([first, second], origin=None, by_origin=True, **options)
+    score_main([first, second], origin=None, by_origin=True, **options)
     sections = capsys.readouterr().out.split("\n### ")
     assert [section.split("\n")[0] for section in sections[1:]] == ["bible", "software"]
     assert table_lines(sections[1])[2:] != table_lines(sections[2])[2:]  # the sources score apart
     for section in sections[1:]:
         name = section.split("\n")[0]
-        main([first, second], origin=name, by_origin=False, **options)
+        score_main([first, second], origin=name, by_origin=False, **options)
         alone = capsys.readouterr().out
         assert table_lines(section) == table_lines(alone) and len(table_lines(alone)) == 4 + 2 + 3
         assert "| 10 |" in section
