@@ -21,6 +21,8 @@ declare -A SETTING=([default]="" [plateau]="train.lr_schedule=plateau train.warm
                     [batch5000]="train.batch_tokens=5000" [fullsoftmax]="train.sampled_softmax=0"
                     [hidden384]="train.hidden_size=384"  # and 1.3x the epochs (below): 1.3x as fast on a CPU
                     [worddrop]="train.word_dropout=0.1"
+                    # Sennrich & Zhang's (2019) low-resource regularisers at their strength, where vamos has the knob
+                    [recipe]="train.word_dropout=0.3 train.dropout=0.5 train.label_smoothing=0.2"
                     [subword]="prepare.subwords.model=bpe prepare.subwords.vocab_size=8000"
                     # with `default` in SETTINGS: another seed (word2vec's too: how far apart two trainings
                     # land; packed with the default, a seed ensemble) and a right-to-left model (it reranks

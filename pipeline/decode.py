@@ -265,9 +265,8 @@ def rerankers(model) -> list:
 
 
 def read_forwards(model, hypotheses: list[Hypothesis]) -> list[Hypothesis]:
-    """A right-to-left model's hypotheses in reading order (its attention rows follow its words).
-    (A model without a config, as the tests' hand-made ones, reads left to right.)"""
-    if not getattr(getattr(model, "config", None), "right_to_left", False):
+    """A right-to-left model's hypotheses in reading order (its attention rows follow its words)."""
+    if not model.config.right_to_left:
         return hypotheses
     return [Hypothesis(h.tokens[::-1], h.attention[::-1].copy(), h.score) for h in hypotheses]
 

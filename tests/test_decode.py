@@ -1,4 +1,5 @@
 import itertools
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -36,6 +37,7 @@ class BigramModel:
         probs[:, [PAD_ID, SOS_ID]] = 0.0  # the searches renormalise over the words they can emit
         self.table = torch.log(probs / probs.sum(1, keepdim=True))
         self.decoder = self
+        self.config = SimpleNamespace(right_to_left=False)  # it reads left to right
 
     def encode(self, src, src_len):
         mask = torch.arange(src.size(1)).unsqueeze(0) < src_len.unsqueeze(1)
