@@ -42,6 +42,15 @@ def test_apertium_translates_line_for_line():
     assert out[0].startswith("Where") and "opened. Save" in out[2]  # a newline inside a line: a space
 
 
+def test_apertium_translates_each_line_as_it_does_alone():
+    """Lines without a full stop must not run into the next: across single line breaks Apertium
+    read on, and "Could not open the file" / "Authentication warning overridden." came out as
+    "No podría abrir el aviso" / "de Autentificación de la lima overridden."."""
+    sources = ["Could not open the file", "Authentication warning overridden.", "File not found",
+               "Need one URL as argument", "Warning", "The following packages have unmet dependencies:"]
+    assert apertium("eng-spa", sources) == [apertium("eng-spa", [line])[0] for line in sources]
+
+
 def test_set_overrides_are_yaml_values_checked_as_the_flows_are(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
     monkeypatch.chdir(tmp_path)
